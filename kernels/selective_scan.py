@@ -1,0 +1,141 @@
+"""Selective scan (Mamba-1, paper eqs. 2-3 with input-dependent delta, B, C).
+
+Continuous parameters (delta, A, B) are discretised per step with zero-order hold on A
+and Euler on B, as in Mamba-1:
+
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t        h: (d, n)
+    y_t = <h_t, C_t> + D * u_t,   then   y_t *= silu(z_t)          y: (d,)
+
+Shapes (glossary in ``kernels/__init__.py``): u, delta, z (b, d, l); A (d, n);
+B, C (b, n, l); D, delta_bias (d,); states (b, d, n) float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels._backend import peer_module, resolve_backend
+
+TRITON_OPS: frozenset[str] = frozenset()
+
+
+def _triton_ops() -> frozenset[str]:
+    try:
+        from kernels.triton import OPS
+    except ImportError:
+        return TRITON_OPS
+    return OPS
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       initial_state=None):
+    """Reference selective scan over a whole sequence, fp32 accumulation.
+
+    u: (b, d, l) any float dtype; delta: (b, d, l); A: (d, n); B, C: (b, n, l);
+    D: (d,) or None; z: (b, d, l) or None (gate y * silu(z)); delta_bias: (d,) or None;
+    initial_state: (b, d, n) or None (zeros).
+    Returns y: (b, d, l) in u.dtype and last_state: (b, d, n) float32.
+    """
+    b, d, l = u.shape
+    n = A.shape[-1]
+    assert delta.shape == (b, d, l) and A.shape == (d, n), (delta.shape, A.shape)
+    assert B.shape == (b, n, l) and C.shape == (b, n, l), (B.shape, C.shape)
+    dtype_in = u.dtype
+    u, delta, A, B, C = (t.float() for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[None, :, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    dA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))  # (b, d, l, n)
+    dBu = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)  # (b, d, l, n)
+    h = u.new_zeros(b, d, n) if initial_state is None else initial_state.float().clone()
+    hs = []
+    for t in range(l):
+        h = dA[:, :, t] * h + dBu[:, :, t]  # (b, d, n)
+        hs.append(h)
+    y = torch.einsum("bdln,bnl->bdl", torch.stack(hs, dim=2), C) if l else u.new_zeros(b, d, 0)
+    if D is not None:
+        y = y + u * D.float()[None, :, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(dtype_in), h
+
+
+def _scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+    if initial_state is not None:
+        # mamba-ssm's Mamba-1 scan has no initial-state input; never pretend it does.
+        from kernels._backend import BackendUnavailable
+
+        raise BackendUnavailable("selective_scan: backend 'cuda' (mamba-ssm) cannot start from an initial_state")
+    fn = peer_module("mamba_ssm.ops.selective_scan_interface").selective_scan_fn
+    y, last = fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
+    return y, last.float()
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   initial_state=None, backend: str = "auto"):
+    """Selective scan over a whole sequence; same contract as :func:`selective_scan_ref`.
+
+    Returns ``(y, last_state)``: y (b, d, l) in u.dtype, last_state (b, d, n) float32.
+    """
+    chosen = resolve_backend(backend, "selective_scan", u.device, "mamba_ssm", _triton_ops())
+    if chosen == "cuda":
+        return _scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    if chosen == "triton":
+        from kernels.triton import selective_scan_triton
+
+        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+
+
+def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                               state_indices=None):
+    """One recurrent step of the selective scan, updating ``state`` in place.
+
+    state: (p, d, n) float32 pool; x, dt: (b, d); A: (d, n); B, C: (b, n); D: (d,) or None;
+    z: (b, d) or None; dt_bias: (d,) or None; state_indices: (b,) int rows of the pool
+    (None: row i for batch row i, p == b). Returns y: (b, d) in x.dtype.
+    """
+    b, d = x.shape
+    n = A.shape[-1]
+    assert dt.shape == (b, d) and B.shape == (b, n) and C.shape == (b, n), (dt.shape, B.shape, C.shape)
+    if state_indices is None:
+        assert state.shape == (b, d, n), state.shape
+        h = state.float()
+    else:
+        assert state_indices.shape == (b,) and state.shape[1:] == (d, n), (state_indices.shape, state.shape)
+        h = state[state_indices].float()  # (b, d, n)
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    dA = torch.exp(dt[:, :, None] * A.float())  # (b, d, n)
+    dBx = dt[:, :, None] * B.float()[:, None, :] * x.float()[:, :, None]  # (b, d, n)
+    h = dA * h + dBx
+    if state_indices is None:
+        state.copy_(h)
+    else:
+        state[state_indices] = h.to(state.dtype)
+    y = torch.einsum("bdn,bn->bd", h, C.float())
+    if D is not None:
+        y = y + x.float() * D.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(x.dtype)
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                           state_indices=None, backend: str = "auto"):
+    """One decode step in place on a state pool; same contract as :func:`selective_state_update_ref`."""
+    chosen = resolve_backend(backend, "selective_state_update", x.device, "mamba_ssm", _triton_ops())
+    if chosen == "cuda":
+        fn = peer_module("mamba_ssm.ops.triton.selective_state_update").selective_state_update
+        return fn(state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                  state_batch_indices=state_indices)
+    if chosen == "triton":
+        from kernels.triton import selective_state_update_triton
+
+        return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_indices)
+    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_indices)

@@ -1,0 +1,1 @@
+"""Synthetic datasets used to train and check the vision-language model (e.g. Shapes-VQA)."""

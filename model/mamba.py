@@ -1,0 +1,251 @@
+"""Mamba-1 language model with an explicit slot-pool inference state.
+
+Glossary: b batch, l length, D d_model, d d_inner (= expand * D), n d_state, r dt_rank,
+w d_conv, V padded vocab, p state-pool slots. Parameter names follow mamba_ssm
+(``backbone.embedding``, ``backbone.layers.{i}.mixer.*``), so its checkpoints load as-is.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+from model.config import MambaConfig
+from model.state import InferenceState
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class MambaMixer(nn.Module):
+    """One Mamba-1 mixer: in_proj -> causal conv -> selective scan gated by silu(z) -> out_proj."""
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int | None = None,
+                 conv_bias: bool = True, bias: bool = False, layer_idx: int = 0, backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.d_inner, self.d_state, self.d_conv = expand * d_model, d_state, d_conv
+        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.layer_idx, self.backend = layer_idx, backend
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **kw)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1,
+                                bias=conv_bias, **kw)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **kw)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **kw)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state, device=device, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(self.d_inner, device=device, dtype=torch.float32))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **kw)
+
+    def _ssm_params(self, x: torch.Tensor):
+        """x: (..., d) -> dt (..., d) without bias, B and C (..., n)."""
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.linear(dt, self.dt_proj.weight), B, C
+
+    def forward(self, hidden: torch.Tensor, state: InferenceState | None = None, slots: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Prefill. hidden: (b, l, D) -> (b, l, D).
+
+        With ``state`` the scan starts from the slots' states and writes the final ones back.
+        ``lengths`` (b,) marks right-padded rows: past a row's length delta is 0, so its state
+        passes through the padding unchanged, and its conv state is taken at its length.
+        """
+        b, l, _ = hidden.shape
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (b, d, l) each
+        conv_w, conv_b = self.conv1d.weight[:, 0, :], self.conv1d.bias
+        conv0 = ssm0 = None
+        if state is not None:
+            conv_pool, ssm_pool = state.layer(self.layer_idx)
+            conv0, ssm0 = conv_pool[slots], ssm_pool[slots]
+        xc, conv_last = causal_conv1d(x, conv_w, conv_b, "silu", initial_state=conv0, backend=self.backend)
+        dt, B, C = self._ssm_params(xc.transpose(1, 2))  # (b, l, d), (b, l, n), (b, l, n)
+        A = -torch.exp(self.A_log.float())  # (d, n)
+        dt, bias, softplus = dt.transpose(1, 2), self.dt_proj.bias.float(), True
+        if lengths is not None:
+            valid = torch.arange(l, device=x.device)[None, :] < lengths[:, None]  # (b, l)
+            dt = F.softplus(dt.float() + bias[None, :, None]) * valid[:, None, :]
+            bias, softplus = None, False
+            conv_last = _conv_state_at(x, conv0, lengths, self.d_conv)
+        y, ssm_last = selective_scan(xc, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z, bias,
+                                     softplus, initial_state=ssm0, backend=self.backend)
+        if state is not None:
+            conv_pool[slots] = conv_last.to(conv_pool.dtype)
+            ssm_pool[slots] = ssm_last
+        return self.out_proj(y.transpose(1, 2))
+
+    def step(self, hidden: torch.Tensor, state: InferenceState, slots: torch.Tensor) -> torch.Tensor:
+        """One decode step. hidden: (b, D), slots: (b,) -> (b, D); updates the slots in place."""
+        conv_pool, ssm_pool = state.layer(self.layer_idx)
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, d) each
+        x = causal_conv1d_update(x, conv_pool, self.conv1d.weight[:, 0, :], self.conv1d.bias, "silu",
+                                 state_indices=slots, backend=self.backend)
+        dt, B, C = self._ssm_params(x)
+        A = -torch.exp(self.A_log.float())
+        y = selective_state_update(ssm_pool, x, dt, A, B, C, self.D.float(), z, self.dt_proj.bias, True,
+                                   state_indices=slots, backend=self.backend)
+        return self.out_proj(y)
+
+
+def _conv_state_at(x: torch.Tensor, conv0: torch.Tensor | None, lengths: torch.Tensor, w: int) -> torch.Tensor:
+    """The last w - 1 conv inputs of each row ending at its length. x: (b, d, l) -> (b, d, w - 1)."""
+    b, d, _ = x.shape
+    if conv0 is None:
+        conv0 = x.new_zeros(b, d, w - 1)
+    xs = torch.cat([conv0.to(x.dtype), x], dim=-1)  # (b, d, w - 1 + l)
+    idx = lengths[:, None] + torch.arange(w - 1, device=x.device)[None, :]  # (b, w - 1)
+    return xs.gather(2, idx[:, None, :].expand(b, d, w - 1))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: residual += hidden; hidden = mixer(norm(residual))."""
+
+    def __init__(self, config: MambaConfig, layer_idx: int, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        c = config
+        self.residual_in_fp32 = c.residual_in_fp32
+        self.mixer = MambaMixer(c.d_model, c.d_state, c.d_conv, c.expand, c.dt_rank, c.conv_bias, c.bias,
+                                layer_idx, backend, device=device, dtype=dtype)
+        self.norm = RMSNorm(c.d_model, c.norm_eps, device=device, dtype=dtype)
+
+    def _pre(self, hidden, residual):
+        residual = hidden if residual is None else residual + hidden
+        normed = self.norm(residual.to(self.norm.weight.dtype))
+        return normed, residual.float() if self.residual_in_fp32 else residual
+
+    def forward(self, hidden, residual, state=None, slots=None, lengths=None):
+        normed, residual = self._pre(hidden, residual)
+        return self.mixer(normed, state, slots, lengths), residual
+
+    def step(self, hidden, residual, state, slots):
+        normed, residual = self._pre(hidden, residual)
+        return self.mixer.step(normed, state, slots), residual
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: MambaConfig, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(Block(config, i, backend, device, dtype) for i in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, config.norm_eps, device=device, dtype=dtype)
+
+    def _final(self, hidden, residual):
+        residual = hidden if residual is None else residual + hidden
+        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+
+class MambaLM(nn.Module):
+    """Mamba-1 LM with a (tied) LM head. Prefill with :meth:`forward`, decode with :meth:`step`."""
+
+    def __init__(self, config: MambaConfig, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config, backend, device, dtype)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, device=device, dtype=dtype)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    def set_backend(self, backend: str) -> None:
+        for layer in self.backbone.layers:
+            layer.mixer.backend = backend
+
+    def allocate_state(self, num_slots: int, dtype: torch.dtype | None = None, device=None) -> InferenceState:
+        """A zeroed pool of ``num_slots`` recurrent-state slots for every layer."""
+        c, w = self.config, self.backbone.embedding.weight
+        return InferenceState.allocate(num_slots, c.n_layer, c.d_inner, c.d_conv, c.d_state,
+                                       dtype or w.dtype, device or w.device)
+
+    def _embed(self, input_ids, inputs_embeds):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        return self.backbone.embedding(input_ids) if inputs_embeds is None else inputs_embeds
+
+    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                state: InferenceState | None = None, slots: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Prefill. input_ids: (b, l) int or inputs_embeds: (b, l, D).
+
+        Returns logits (b, l, V), or (b, V) at each row's last valid position with ``last_only``.
+        With ``state`` and ``slots`` (b,), starts from and writes back those slots' states;
+        ``lengths`` (b,) gives the valid length of right-padded rows.
+        """
+        hidden = self._embed(input_ids, inputs_embeds)
+        if state is not None and slots is None:
+            raise ValueError("state needs slots")
+        residual = None
+        for layer in self.backbone.layers:
+            hidden, residual = layer(hidden, residual, state, slots, lengths)
+        hidden = self.backbone._final(hidden, residual)  # (b, l, D)
+        if last_only:
+            b, l = hidden.shape[:2]
+            last = (lengths - 1) if lengths is not None else torch.full((b,), l - 1, device=hidden.device)
+            hidden = hidden[torch.arange(b, device=hidden.device), last]  # (b, D)
+        return self.lm_head(hidden)
+
+    def step(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None, *,
+             state: InferenceState, slots: torch.Tensor) -> torch.Tensor:
+        """One decode step. input_ids: (b,) or inputs_embeds: (b, D); slots: (b,). Returns logits (b, V)."""
+        hidden = self._embed(input_ids, inputs_embeds)
+        residual = None
+        for layer in self.backbone.layers:
+            hidden, residual = layer.step(hidden, residual, state, slots)
+        return self.lm_head(self.backbone._final(hidden, residual))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> "MambaLM":
+        """Random initialisation as in Mamba-1 (dt log-uniform in [1e-3, 1e-1], A = -[1..n], D = 1)."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        nn.init.normal_(self.backbone.embedding.weight, std=0.02)
+        for layer in self.backbone.layers:
+            init_mixer(layer.mixer, rescale_layers=self.config.n_layer)
+            layer.norm.weight.fill_(1.0)
+        self.backbone.norm_f.weight.fill_(1.0)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=0.02)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype: torch.dtype | None = None, backend: str = "auto") -> "MambaLM":
+        """Load a mamba_ssm-layout or transformers-``MambaForCausalLM``-layout directory."""
+        from model.checkpoint import load_mamba_lm
+
+        return load_mamba_lm(path, device=device, dtype=dtype, backend=backend)
+
+    def save_pretrained(self, path, layout: str = "mamba_ssm") -> None:
+        """Write config.json + model.safetensors in the ``mamba_ssm`` or ``hf`` layout."""
+        from model.checkpoint import save_mamba_lm
+
+        save_mamba_lm(self, path, layout)
+
+
+@torch.no_grad()
+def init_mixer(mixer: MambaMixer, rescale_layers: int = 1, dt_min: float = 1e-3, dt_max: float = 1e-1) -> None:
+    """Mamba-1's initialisation of one mixer (the reference init of mamba_ssm's ``Mamba``)."""
+    for lin in (mixer.in_proj, mixer.x_proj, mixer.out_proj):
+        nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5))
+        if lin.bias is not None:
+            nn.init.zeros_(lin.bias)
+    mixer.conv1d.reset_parameters()
+    # Prenorm residual rescale keeps the residual stream's variance flat with depth.
+    mixer.out_proj.weight /= math.sqrt(rescale_layers)
+    std = mixer.dt_rank ** -0.5
+    nn.init.uniform_(mixer.dt_proj.weight, -std, std)
+    dt = torch.exp(torch.rand(mixer.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=1e-4)
+    mixer.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+    A = torch.arange(1, mixer.d_state + 1, dtype=torch.float32).repeat(mixer.d_inner, 1)
+    mixer.A_log.copy_(torch.log(A))
+    mixer.D.fill_(1.0)

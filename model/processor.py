@@ -1,0 +1,85 @@
+"""Text + images -> model inputs: chat templating, tokenizing, image preprocessing,
+and expansion of each ``<image>`` placeholder into that image's visual-token positions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.config import VLMambaConfig
+from model.errors import ImageCountMismatch
+
+
+@dataclass
+class EncodedPrompt:
+    """input_ids: (l,) with ``num_image_tokens`` copies of the image token per image;
+    pixel_values: (i, 3, H, W) float32, or None without images."""
+
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.pixel_values is None else self.pixel_values.shape[0]
+
+    def __repr__(self) -> str:  # never print token ids or pixels
+        return f"EncodedPrompt(len={len(self.input_ids)}, images={self.num_images})"
+
+
+class VLMambaProcessor:
+    def __init__(self, tokenizer, image_processor, config: VLMambaConfig):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.image_token = config.image_token
+        self.image_token_id = config.image_token_id
+        self.num_image_tokens = config.vision.num_patches
+        if tokenizer.convert_tokens_to_ids(self.image_token) != self.image_token_id:
+            raise ValueError(f"tokenizer maps {self.image_token} to a different id than config.image_token_id")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, config: VLMambaConfig) -> "VLMambaProcessor":
+        from transformers import AutoTokenizer
+
+        from model.vision import image_processor_for
+
+        return cls(AutoTokenizer.from_pretrained(str(directory)), image_processor_for(config.vision, directory), config)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        self.tokenizer.save_pretrained(str(directory))
+        self.image_processor.save_pretrained(str(directory))
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def preprocess_images(self, images: list) -> torch.Tensor | None:
+        """PIL images -> pixel_values (i, 3, H, W) float32."""
+        if not images:
+            return None
+        rgb = [im.convert("RGB") for im in images]
+        return self.image_processor(rgb, return_tensors="pt")["pixel_values"].float()
+
+    def tokenize(self, text: str, num_images: int) -> list[int]:
+        """Token ids of ``text`` with every ``<image>`` expanded to its visual-token positions."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        found = sum(1 for t in ids if t == self.image_token_id)
+        if found != num_images:
+            raise ImageCountMismatch(f"the prompt has {found} image placeholders but {num_images} images were given",
+                                     param="messages")
+        out: list[int] = []
+        for t in ids:
+            out.extend([t] * self.num_image_tokens if t == self.image_token_id else [t])
+        return out
+
+    def encode(self, text: str, images: list | None = None) -> EncodedPrompt:
+        images = images or []
+        return EncodedPrompt(self.tokenize(text, len(images)), self.preprocess_images(images))
+
+    def encode_messages(self, messages: list[dict], images: list | None = None,
+                        add_generation_prompt: bool = True) -> EncodedPrompt:
+        """Render OpenAI-style messages with the chat template and encode them with ``images`` (in order)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), images)
