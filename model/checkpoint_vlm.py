@@ -82,7 +82,7 @@ def assemble(vision_dir, llm_dir, out_dir, connector: str = "vss_l2", scan: str 
     config = VLMambaConfig(vision=vcfg, connector=ccfg, llm=lcfg, image_token_id=image_id)
     torch.manual_seed(seed)
     conn_sd = Connector(ccfg).init_weights().state_dict()
-    sd = {"vision_tower." + k: v for k, v in load_vision_weights(vision_dir, vcfg.kind).items()}
+    sd = {"vision_tower.model." + k: v for k, v in load_vision_weights(vision_dir, vcfg).items()}
     sd.update({"connector." + k: v for k, v in conn_sd.items()})
     sd.update({"llm." + k: v for k, v in lm_sd.items()})
     model = assign_weights(lambda: VLMamba(config), sd, "cpu", dtype)

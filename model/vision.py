@@ -1,7 +1,8 @@
 """The vision tower: transformers' SigLIP or CLIP ViT, returning patch features of one layer.
 
-Keys of this module match transformers' ``SiglipVisionModel`` / ``CLIPVisionModel``
-(``vision_model.*``), so their checkpoints load under the ``vision_tower.`` prefix unchanged.
+The transformers model sits under ``model``; its parameter names are transformers' own, and
+local checkpoints are read through transformers' ``from_pretrained`` so any layout it knows
+(two-tower SigLIP / CLIP models, older ``vision_model.*`` names) loads.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class VisionTower(nn.Module):
         hf_cfg = cfg_cls(**config.hf_config)
         hf_cfg._attn_implementation = "sdpa"
         with torch.device(device or "cpu"):
-            self.vision_model = model_cls(hf_cfg).vision_model
+            self.model = model_cls(hf_cfg)
         if dtype is not None:
             self.to(dtype)
 
@@ -47,7 +48,7 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         dtype = next(self.parameters()).dtype
-        out = self.vision_model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
+        out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
         feats = out.hidden_states[self.config.feature_layer]  # (i, tokens, c)
         return feats[:, 1:] if self.config.kind == "clip" else feats
 
@@ -62,30 +63,32 @@ def vision_config_from_dir(directory: str | Path, feature_layer: int = -2) -> Vi
         raise ValueError(f"{directory}: expected a SigLIP or CLIP checkpoint, got model_type={cfg.get('model_type')!r}")
     cfg_cls, _ = _classes(kind)
     hf_cfg = cfg_cls.from_pretrained(directory).to_dict()
+    if kind == "siglip":
+        hf_cfg["vision_use_head"] = False  # the pooling head is never used for patch features
     for k in ("transformers_version", "architectures", "_name_or_path", "model_type", "dtype", "torch_dtype"):
         hf_cfg.pop(k, None)
     return VisionConfig(kind=kind, hf_config=hf_cfg, feature_layer=feature_layer)
 
 
-def load_vision_weights(directory: str | Path, kind: str) -> dict[str, torch.Tensor]:
-    """The ``vision_model.*`` tensors of a local SigLIP / CLIP checkpoint (two-tower or vision-only)."""
-    from model.checkpoint import load_state_dict
-
-    sd = load_state_dict(directory)
-    return {k: v for k, v in sd.items() if k.startswith("vision_model.")}
+def load_vision_weights(directory: str | Path, config: VisionConfig) -> dict[str, torch.Tensor]:
+    """The vision tower's tensors from a local SigLIP / CLIP checkpoint, read by transformers."""
+    cfg_cls, model_cls = _classes(config.kind)
+    hf = model_cls.from_pretrained(str(directory), config=cfg_cls(**config.hf_config))
+    return {k: v.detach().clone() for k, v in hf.state_dict().items()}
 
 
 def image_processor_for(config: VisionConfig, directory: str | Path | None = None):
     """The matching transformers image processor: from ``directory`` if it has one, else from the config."""
-    from transformers import CLIPImageProcessor, SiglipImageProcessor
     from transformers.utils import is_torchvision_available
 
-    if not is_torchvision_available():  # the PIL processors give the same pixels without torchvision
-        from transformers import CLIPImageProcessorPil as CLIPImageProcessor  # noqa: F811
-        from transformers import SiglipImageProcessorPil as SiglipImageProcessor  # noqa: F811
+    if is_torchvision_available():
+        from transformers import CLIPImageProcessor, SiglipImageProcessor
+    else:  # the PIL processors give the same pixels without torchvision
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+        from transformers import SiglipImageProcessorPil as SiglipImageProcessor
     cls = SiglipImageProcessor if config.kind == "siglip" else CLIPImageProcessor
     if directory is not None and (Path(directory) / "preprocessor_config.json").exists():
-        return cls.from_pretrained(directory)
+        return cls.from_json_file(str(Path(directory) / "preprocessor_config.json"))
     size = config.hf_config.get("image_size", 224)
     if config.kind == "siglip":
         return cls(size={"height": size, "width": size})

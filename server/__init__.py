@@ -1,0 +1,1 @@
+"""vlmamba-serve: the HTTP server, the serving engine and the ``vlmamba`` command line."""
