@@ -47,14 +47,19 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         delta = delta + delta_bias.float()[None, :, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    dA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))  # (b, d, l, n)
-    dBu = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)  # (b, d, l, n)
+    # Time-major and contiguous: each step's slice is one block, and unbind keeps autograd O(l), not O(l^2).
+    dt, uT = delta.permute(2, 0, 1).contiguous(), u.permute(2, 0, 1)  # (l, b, d)
+    BT, CT = B.permute(2, 0, 1).contiguous(), C.permute(2, 0, 1).contiguous()  # (l, b, n)
+    dA = torch.exp(dt[..., None] * A).unbind(0)  # l x (b, d, n)
+    dBu = ((dt * uT)[..., None] * BT[:, :, None, :]).unbind(0)  # l x (b, d, n)
     h = u.new_zeros(b, d, n) if initial_state is None else initial_state.float().clone()
     hs = []
     for t in range(l):
-        h = dA[:, :, t] * h + dBu[:, :, t]  # (b, d, n)
+        h = dA[t] * h + dBu[t]  # (b, d, n)
         hs.append(h)
-    y = torch.einsum("bdln,bnl->bdl", torch.stack(hs, dim=2), C) if l else u.new_zeros(b, d, 0)
+    # y_t = <h_t, C_t> as one batched matmul: (l*b, d, n) @ (l*b, n, 1)
+    y = torch.stack(hs).flatten(0, 1).bmm(CT.flatten(0, 1)[..., None]).view(l, b, d).permute(1, 2, 0) \
+        if l else u.new_zeros(b, d, 0)
     if D is not None:
         y = y + u * D.float()[None, :, None]
     if z is not None:

@@ -18,9 +18,13 @@ def _torch_dtype(name: str, device: str):
 
 
 def _best_device() -> str:
+    import os
+
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ else "cuda"
 
 
 def cmd_assemble(args) -> int:
@@ -54,6 +58,62 @@ def cmd_generate(args) -> int:
             sys.stdout.write("\n")
             print(f"[{len(done.value.token_ids)} tokens, finish_reason={done.value.finish_reason}]", file=sys.stderr)
             return 0
+
+
+def cmd_train(args) -> int:
+    import dataclasses
+
+    from model.training.trainer import TrainConfig, train
+
+    device = args.device or _best_device()
+    if args.recipe == "demo":
+        from model.training.data import ShapesDataset
+        from model.training.recipes import DemoRecipe, build_demo
+
+        recipe = DemoRecipe(**{k: v for k, v in (("connector", args.connector), ("scan", args.scan),
+                                                 ("max_steps", args.max_steps), ("n_images", args.n_images),
+                                                 ("seed", args.seed)) if v is not None})
+        model, proc = build_demo(recipe)
+        dataset = ShapesDataset(proc, "train", recipe.n_images, recipe.seed)
+        cfg = TrainConfig(out=args.out, stage="finetune", train_vision=True, max_steps=recipe.max_steps,
+                          batch_size=args.batch_size or recipe.batch_size, lr=args.lr or recipe.lr,
+                          warmup_steps=recipe.warmup_steps, seed=recipe.seed, device=device,
+                          save_every=args.save_every, num_workers=args.num_workers, resume=args.resume,
+                          grad_accum=args.grad_accum, bf16=False)  # fp32: a tiny model, and stable
+    else:
+        from model.checkpoint_vlm import load_vlmamba
+        from model.training.data import LlavaDataset
+
+        if not (args.checkpoint and args.data):
+            raise SystemExit("vlmamba train: give --recipe demo, or --checkpoint and --data")
+        model, proc = load_vlmamba(args.checkpoint)
+        dataset = LlavaDataset(args.data, args.images, proc, args.max_len)
+        cfg = TrainConfig(out=args.out, stage=args.stage, train_vision=args.train_vision,
+                          max_steps=args.max_steps or 1000, batch_size=args.batch_size or 16, lr=args.lr or 1e-3,
+                          warmup_steps=args.warmup_steps, seed=args.seed or 0, device=device,
+                          save_every=args.save_every, num_workers=args.num_workers, resume=args.resume,
+                          grad_accum=args.grad_accum, weight_decay=args.weight_decay, bf16=not args.no_bf16)
+    logging.getLogger(__name__).info("training: %s", dataclasses.asdict(cfg))
+    losses = train(model, proc, dataset, cfg)
+    print(f"trained {len(losses)} steps; last loss {losses[-1]:.4f}; checkpoint in {args.out}" if losses
+          else f"nothing left to train; checkpoint in {args.out}")
+    return 0
+
+
+def cmd_eval_shapes(args) -> int:
+    import json
+
+    from model.checkpoint_vlm import load_vlmamba
+    from model.training.eval_shapes import evaluate_shapes, format_table
+
+    device = args.device or _best_device()
+    model, proc = load_vlmamba(args.checkpoint, device=device)
+    result = evaluate_shapes(model, proc, args.n, args.seed, args.batch_size)
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
 
 
 def cmd_serve(args) -> int:
@@ -103,6 +163,45 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--backend", default="auto", choices=("auto", "cuda", "triton", "ref"), help="kernel backend")
     g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train", help="train a checkpoint (two stages) or the demo model from scratch",
+                       description="Train VL-Mamba. Stage 'pretrain' trains the connector only; 'finetune' the "
+                                   "connector and the LM (add --train-vision for the vision tower too). Data is "
+                                   "LLaVA-format JSON plus an image folder. --recipe demo trains the bundled "
+                                   "Shapes-VQA model from scratch. Run under torchrun for multi-GPU data parallel.")
+    t.add_argument("--recipe", choices=("demo",), help="a complete built-in setup (the demo model)")
+    t.add_argument("--checkpoint", help="checkpoint directory to start from (e.g. made by `vlmamba assemble`)")
+    t.add_argument("--data", help="LLaVA-format JSON file")
+    t.add_argument("--images", help="image folder the JSON's image paths are relative to (default: its folder)")
+    t.add_argument("--out", required=True, help="output directory (checkpoints go to OUT/checkpoint-STEP)")
+    t.add_argument("--stage", default="finetune", choices=("pretrain", "finetune"), help="training stage")
+    t.add_argument("--train-vision", action="store_true", help="also train the vision tower")
+    t.add_argument("--max-steps", type=int, help="optimizer steps")
+    t.add_argument("--batch-size", type=int, help="sequences per micro-batch (per GPU)")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--lr", type=float, help="peak learning rate (warmup then cosine decay)")
+    t.add_argument("--warmup-steps", type=int, default=50, help="linear warmup steps")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
+    t.add_argument("--max-len", type=int, default=2048, help="truncate conversations to this many tokens")
+    t.add_argument("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --out")
+    t.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
+    t.add_argument("--seed", type=int, help="seed of data order and initialisation")
+    t.add_argument("--no-bf16", action="store_true", help="train in float32 on GPU (default: bf16 autocast)")
+    t.add_argument("--n-images", type=int, help="demo: distinct training images")
+    t.add_argument("--connector", choices=("mlp", "vss_mlp", "vss_l2"), help="demo: connector variant")
+    t.add_argument("--scan", choices=("bsm", "csm"), help="demo: 2D scan")
+    t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; LOCAL_RANK under torchrun)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval-shapes", help="exact-match accuracy per question type on the Shapes-VQA test split")
+    e.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    e.add_argument("--n", type=int, default=500, help="test images (each with all its questions)")
+    e.add_argument("--seed", type=int, default=0, help="dataset seed")
+    e.add_argument("--batch-size", type=int, default=64, help="questions answered together")
+    e.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    e.add_argument("--json", help="also write the result as JSON to this file")
+    e.set_defaults(func=cmd_eval_shapes)
 
     s = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     s.set_defaults(func=cmd_serve)

@@ -1,0 +1,1 @@
+"""Training VL-Mamba: LLaVA-format data, the two-stage trainer, recipes and evaluation."""
