@@ -55,7 +55,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     h = u.new_zeros(b, d, n) if initial_state is None else initial_state.float().clone()
     hs = []
     for t in range(l):
-        h = dA[t] * h + dBu[t]  # (b, d, n)
+        h = torch.addcmul(dBu[t], dA[t], h)  # dA_t * h + dBu_t: (b, d, n)
         hs.append(h)
     # y_t = <h_t, C_t> as one batched matmul: (l*b, d, n) @ (l*b, n, 1)
     y = torch.stack(hs).flatten(0, 1).bmm(CT.flatten(0, 1)[..., None]).view(l, b, d).permute(1, 2, 0) \

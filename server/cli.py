@@ -70,9 +70,10 @@ def cmd_train(args) -> int:
         from model.training.data import ShapesDataset
         from model.training.recipes import DemoRecipe, build_demo
 
-        recipe = DemoRecipe(**{k: v for k, v in (("connector", args.connector), ("scan", args.scan),
-                                                 ("max_steps", args.max_steps), ("n_images", args.n_images),
-                                                 ("seed", args.seed)) if v is not None})
+        overrides = {k: v for k, v in (("connector", args.connector), ("scan", args.scan),
+                                        ("max_steps", args.max_steps), ("n_images", args.n_images),
+                                        ("seed", args.seed)) if v is not None}
+        recipe = DemoRecipe(**overrides, **_recipe_settings(DemoRecipe, args.set))
         model, proc = build_demo(recipe)
         dataset = ShapesDataset(proc, "train", recipe.n_images, recipe.seed)
         cfg = TrainConfig(out=args.out, stage="finetune", train_vision=True, max_steps=recipe.max_steps,
@@ -98,6 +99,20 @@ def cmd_train(args) -> int:
     print(f"trained {len(losses)} steps; last loss {losses[-1]:.4f}; checkpoint in {args.out}" if losses
           else f"nothing left to train; checkpoint in {args.out}")
     return 0
+
+
+def _recipe_settings(cls, pairs: list[str]) -> dict:
+    """``--set KEY=VALUE`` pairs, typed by the recipe dataclass's defaults."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in fields:
+            raise SystemExit(f"--set: unknown recipe field {key!r}; known: {', '.join(fields)}")
+        out[key] = type(fields[key].default)(value)
+    return out
 
 
 def cmd_eval_shapes(args) -> int:
@@ -191,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-images", type=int, help="demo: distinct training images")
     t.add_argument("--connector", choices=("mlp", "vss_mlp", "vss_l2"), help="demo: connector variant")
     t.add_argument("--scan", choices=("bsm", "csm"), help="demo: 2D scan")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="demo: override a recipe field, e.g. --set d_model=256 (repeatable)")
     t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; LOCAL_RANK under torchrun)")
     t.set_defaults(func=cmd_train)
 

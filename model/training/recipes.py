@@ -21,11 +21,12 @@ class DemoRecipe:
     vit_layers: int = 5
     d_model: int = 192
     n_layer: int = 4
+    d_state: int = 16
     vocab_size: int = 400
     n_images: int = 200000
-    max_steps: int = 1500
-    batch_size: int = 64
-    lr: float = 1e-3
+    max_steps: int = 4500
+    batch_size: int = 192
+    lr: float = 1.5e-3
     warmup_steps: int = 200
     seed: int = 0
 
@@ -48,5 +49,5 @@ def build_demo(recipe: DemoRecipe):
     tok = train_bpe_tokenizer(shapes_texts(), vocab_size=recipe.vocab_size)
     vision = tiny_vision_config("siglip", image_size=64, patch_size=8, hidden=recipe.vit_width,
                                 layers=recipe.vit_layers, heads=4)
-    llm = MambaConfig(d_model=recipe.d_model, n_layer=recipe.n_layer, vocab_size=len(tok), d_state=16)
+    llm = MambaConfig(d_model=recipe.d_model, n_layer=recipe.n_layer, vocab_size=len(tok), d_state=recipe.d_state)
     return create_vlmamba(vision, llm, tok, recipe.connector, recipe.scan, seed=recipe.seed)
