@@ -42,8 +42,10 @@ def cmd_generate(args) -> int:
     from model.generate import stream_generate
     from model.sampling import SamplingParams
 
+    from model.demo import DEMO_CHECKPOINT
+
     device = args.device or _best_device()
-    model, proc = load_vlmamba(args.checkpoint, device=device, dtype=_torch_dtype(args.dtype, device),
+    model, proc = load_vlmamba(args.checkpoint or DEMO_CHECKPOINT, device=device, dtype=_torch_dtype(args.dtype, device),
                                backend=args.backend)
     images = [Image.open(p) for p in args.image]
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
@@ -121,8 +123,10 @@ def cmd_eval_shapes(args) -> int:
     from model.checkpoint_vlm import load_vlmamba
     from model.training.eval_shapes import evaluate_shapes, format_table
 
+    from model.demo import DEMO_CHECKPOINT
+
     device = args.device or _best_device()
-    model, proc = load_vlmamba(args.checkpoint, device=device)
+    model, proc = load_vlmamba(args.checkpoint or DEMO_CHECKPOINT, device=device)
     result = evaluate_shapes(model, proc, args.n, args.seed, args.batch_size)
     print(format_table(result))
     if args.json:
@@ -165,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="answer one prompt about zero or more images",
                        description="Load a checkpoint, ask one question about the given images and stream the answer.")
-    g.add_argument("--checkpoint", required=True, help="VL-Mamba checkpoint directory")
+    g.add_argument("--checkpoint", help="VL-Mamba checkpoint directory (default: the bundled demo model)")
     g.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
     g.add_argument("--prompt", required=True, help="the question or instruction")
     g.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
@@ -212,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval-shapes", help="exact-match accuracy per question type on the Shapes-VQA test split")
-    e.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    e.add_argument("--checkpoint", help="checkpoint directory (default: the bundled demo model)")
     e.add_argument("--n", type=int, default=500, help="test images (each with all its questions)")
     e.add_argument("--seed", type=int, default=0, help="dataset seed")
     e.add_argument("--batch-size", type=int, default=64, help="questions answered together")
