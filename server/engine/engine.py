@@ -1,0 +1,252 @@
+"""The engine loop: admit -> prefill (batched, right-padded) -> one batched decode step, repeat.
+
+Runs in its own thread so the asyncio event loop stays responsive. Each iteration:
+
+1. ``_take_new``: move submitted requests into the waiting queue, apply aborts;
+2. ``_admit``: give waiting requests free slots, filling each slot from the session state
+   cache (or zeroing it);
+3. ``_prefill``: encode the new requests' images in one batch and prefill the uncached prompt
+   suffixes in one right-padded batch; sample each first token;
+4. ``_decode``: one ``step`` for every running sequence, slots passed as indices;
+5. finished requests store their final state in the cache and free their slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from model.generate import SequenceDecoder, logits_mask, pick_tokens
+from server.engine.state_cache import StateCache, prefix_hashes, prompt_items
+from server.engine.types import EngineOutput, EngineRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 16
+    max_prefill_seqs: int = 8
+    state_cache_bytes: int = 1 << 30
+
+
+class Observer:
+    """Hooks the server's metrics implement; all no-ops here."""
+
+    def on_first_token(self, req: EngineRequest, now: float) -> None: ...
+    def on_token(self, req: EngineRequest, gap_s: float) -> None: ...
+    def on_finish(self, req: EngineRequest, out: EngineOutput, now: float) -> None: ...
+    def on_step(self, batch_size: int) -> None: ...
+
+
+class Engine:
+    def __init__(self, model, processor, config: EngineConfig | None = None, observer: Observer | None = None):
+        self.model, self.processor = model, processor
+        self.config = config or EngineConfig()
+        self.observer = observer or Observer()
+        self.device = model.llm.backbone.embedding.weight.device
+        self.state = model.allocate_state(self.config.max_num_seqs)
+        self.cache = StateCache(self.config.state_cache_bytes)
+        self.free_slots = list(range(self.config.max_num_seqs))[::-1]
+        self.waiting: deque[EngineRequest] = deque()
+        self.running: list[EngineRequest] = []
+        self._incoming: deque[EngineRequest] = deque()
+        self._aborts: set[str] = set()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.fault_hook: Callable[[str, list[EngineRequest]], None] | None = None  # tests inject failures here
+        self.steps = self.batched_steps = self.max_batch = 0
+        self.last_heartbeat = time.monotonic()
+        self._mask = logits_mask(model.llm.config.padded_vocab_size, len(processor.tokenizer),
+                                 (processor.image_token_id,), self.device)
+
+    # ---- public, thread-safe -------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="vlmamba-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def add_request(self, req: EngineRequest) -> None:
+        with self._cv:
+            self._incoming.append(req)
+            self._cv.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._cv:
+            self._aborts.add(request_id)
+            self._cv.notify()
+
+    def num_waiting(self) -> int:
+        return len(self._incoming) + len(self.waiting)
+
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def slots_used(self) -> int:
+        return self.config.max_num_seqs - len(self.free_slots)
+
+    # ---- the loop --------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._stop or self._incoming or self.waiting or self.running or self._aborts):
+                    self.last_heartbeat = time.monotonic()
+                    self._cv.wait(timeout=1.0)
+                if self._stop:
+                    break
+                self._take_new()
+            self.last_heartbeat = time.monotonic()
+            with torch.inference_mode():
+                self._iteration()
+        for req in list(self.waiting) + self.running:
+            self._fail(req, "server shutting down")
+
+    def _iteration(self) -> None:
+        new = self._admit()
+        if new:
+            self._guarded("prefill", new, lambda: self._prefill(new))
+        ready = [r for r in self.running if r.last_token is not None and r not in new]
+        if ready:
+            self._guarded("decode", ready, lambda: self._decode(ready))
+
+    def _guarded(self, phase: str, reqs: list[EngineRequest], fn) -> None:
+        """A failing batch fails its own requests only; the engine and other requests carry on."""
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook(phase, reqs)
+            fn()
+        except Exception as e:  # noqa: BLE001 - one bad batch must not kill the server
+            log.exception("engine %s failed for %d requests", phase, len(reqs))
+            for r in reqs:
+                self._fail(r, f"internal error during {phase}: {type(e).__name__}")
+
+    def _take_new(self) -> None:
+        self.waiting.extend(self._incoming)
+        self._incoming.clear()
+        if self._aborts:
+            for r in [r for r in list(self.waiting) + self.running if r.request_id in self._aborts]:
+                r.aborted = True
+                self._release(r)
+                if r in self.waiting:
+                    self.waiting.remove(r)
+            self._aborts.clear()
+
+    # ---- phases ----------------------------------------------------------------------------
+    def _admit(self) -> list[EngineRequest]:
+        new = []
+        while self.waiting and self.free_slots and len(new) < self.config.max_prefill_seqs:
+            req = self.waiting.popleft()
+            req.slot = self.free_slots.pop()
+            self._restore(req)
+            req.decoder = SequenceDecoder(self.processor.tokenizer, req.params,
+                                          tuple(self.processor.eos_token_ids), self.device)
+            self.running.append(req)
+            new.append(req)
+        return new
+
+    def _cache_items(self, req: EngineRequest) -> list:
+        return prompt_items(req.prompt_ids, self.processor.image_token_id, [im.digest for im in req.images],
+                            self.processor.num_image_tokens)
+
+    def _restore(self, req: EngineRequest) -> None:
+        """Load the longest cached prefix (leaving at least one token to prefill) into the slot."""
+        hashes = prefix_hashes(req.scope, self._cache_items(req))
+        hit = self.cache.lookup(req.scope, hashes, len(req.prompt_ids) - 1)
+        if hit is None:
+            req.cached_tokens = 0
+            self.state.reset([req.slot])
+        else:
+            req.cached_tokens, saved = hit
+            self.state.write(req.slot, saved)
+
+    def _prefill(self, reqs: list[EngineRequest]) -> None:
+        suffixes = [r.prompt_ids[r.cached_tokens:] for r in reqs]
+        images = self._suffix_images(reqs)
+        lengths = torch.tensor([len(s) for s in suffixes], device=self.device)
+        ids = torch.zeros(len(reqs), int(lengths.max()), dtype=torch.long)
+        for i, s in enumerate(suffixes):
+            ids[i, : len(s)] = torch.tensor(s)
+        pix = torch.stack(images).to(self.device) if images else None
+        slots = torch.tensor([r.slot for r in reqs], device=self.device)
+        logits = self.model(ids.to(self.device), pix, state=self.state, slots=slots, lengths=lengths, last_only=True)
+        self._emit(reqs, logits)
+
+    def _suffix_images(self, reqs: list[EngineRequest]) -> list[torch.Tensor]:
+        """Pixel values of the images whose placeholders lie in the uncached suffixes, in order.
+        A cached prefix ends on text, so it covers whole images only."""
+        per, out = self.processor.num_image_tokens, []
+        for r in reqs:
+            n_cached = r.prompt_ids[: r.cached_tokens].count(self.processor.image_token_id) // per
+            out += [im.pixel_values for im in r.images[n_cached:]]
+        return out
+
+    def _decode(self, reqs: list[EngineRequest]) -> None:
+        tokens = torch.tensor([r.last_token for r in reqs], device=self.device)
+        slots = torch.tensor([r.slot for r in reqs], device=self.device)
+        logits = self.model.step(tokens, state=self.state, slots=slots)
+        self.steps += 1
+        self.batched_steps += len(reqs) > 1
+        self.max_batch = max(self.max_batch, len(reqs))
+        self.observer.on_step(len(reqs))
+        self._emit(reqs, logits)
+
+    def _emit(self, reqs: list[EngineRequest], logits: torch.Tensor) -> None:
+        """Sample one token per request (one host sync), deliver text, finish what is done."""
+        tokens = pick_tokens(logits, [r.decoder for r in reqs], self._mask).tolist()
+        now = time.monotonic()
+        for req, tok in zip(reqs, tokens):
+            text = req.decoder.accept(tok)
+            if req.first_token_time is None:
+                req.first_token_time = now
+                self.observer.on_first_token(req, now)
+            else:
+                self.observer.on_token(req, now - req.last_token_time)
+            req.last_token_time = now
+            req.last_token = tok
+            if req.decoder.finished:
+                self._finish(req, text, now)
+            elif text:
+                req.sink(EngineOutput(req.request_id, text, [tok]))
+
+    def _finish(self, req: EngineRequest, text: str, now: float) -> None:
+        dec = req.decoder
+        covered = len(req.prompt_ids) + len(dec.token_ids) - 1  # the last sampled token was never fed
+        items = self._cache_items(req) + dec.token_ids[:-1]
+        self.cache.store(req.scope, req.session_id, prefix_hashes(req.scope, items)[-1], covered,
+                         self.state.read(req.slot))
+        out = EngineOutput(req.request_id, text, [dec.token_ids[-1]], True, dec.finish_reason, len(req.prompt_ids),
+                           len(dec.token_ids), req.cached_tokens)
+        self._release(req)
+        self.observer.on_finish(req, out, now)
+        req.sink(out)
+
+    def _fail(self, req: EngineRequest, message: str) -> None:
+        self._release(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        req.sink(EngineOutput(req.request_id, finished=True, finish_reason="error", error=message,
+                              prompt_tokens=len(req.prompt_ids)))
+
+    def _release(self, req: EngineRequest) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        if req.slot is not None:
+            self.free_slots.append(req.slot)
+            req.slot = None

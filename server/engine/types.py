@@ -1,0 +1,63 @@
+"""Plain dataclasses between the server and the engine."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from model.sampling import SamplingParams
+
+
+@dataclass
+class ImageInput:
+    """One preprocessed image: pixel_values (3, H, W) and a digest of its pixels (cache identity)."""
+
+    pixel_values: torch.Tensor
+    digest: str
+
+
+@dataclass
+class EngineOutput:
+    """One event of a request: new text, and on the last event the finish reason and usage."""
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    """A generation request. ``sink`` receives every EngineOutput (called from the engine thread).
+
+    ``scope`` isolates cached states (one per API key); ``session_id`` pins a conversation.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    images: list[ImageInput]
+    params: SamplingParams
+    sink: Callable[[EngineOutput], None]
+    scope: str = ""
+    session_id: str | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    # Owned by the engine:
+    slot: int | None = None
+    cached_tokens: int = 0
+    decoder: object = None
+    last_token: int | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    aborted: bool = False
+
+    def __repr__(self) -> str:  # lengths only: never prompts, images or token ids
+        return (f"EngineRequest(id={self.request_id}, prompt_len={len(self.prompt_ids)}, "
+                f"images={len(self.images)}, slot={self.slot})")

@@ -1,0 +1,52 @@
+import hashlib
+import threading
+
+import pytest
+import torch
+
+from model.checkpoint_vlm import load_vlmamba
+from model.demo import DEMO_CHECKPOINT
+from model.sampling import SamplingParams
+from server.engine import EngineRequest, ImageInput
+
+
+@pytest.fixture(scope="session")
+def demo():
+    return load_vlmamba(DEMO_CHECKPOINT)
+
+
+def image_input(proc, image) -> ImageInput:
+    px = proc.preprocess_images([image])[0]
+    return ImageInput(px, hashlib.sha256(px.numpy().tobytes()).hexdigest()[:16])
+
+
+class Collector:
+    """A request sink that gathers outputs and signals completion."""
+
+    def __init__(self):
+        self.outputs, self.done = [], threading.Event()
+
+    def __call__(self, out):
+        self.outputs.append(out)
+        if out.finished:
+            self.done.set()
+
+    @property
+    def text(self):
+        return "".join(o.text for o in self.outputs)
+
+    @property
+    def final(self):
+        return self.outputs[-1]
+
+
+def make_request(proc, rid, messages, images, collector, max_tokens=40, **kw):
+    text = proc.apply_chat_template(messages)
+    ids = proc.tokenize(text, len(images))
+    return EngineRequest(rid, ids, [image_input(proc, im) for im in images],
+                         SamplingParams(temperature=0, max_tokens=max_tokens), collector, **kw)
+
+
+def user(text, with_image=True):
+    parts = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
+    return {"role": "user", "content": parts}

@@ -1,0 +1,101 @@
+import time
+
+import pytest
+
+from model.data.shapes import make_sample
+from server.engine import Engine, EngineConfig
+from tests.server.conftest import Collector, make_request, user
+
+
+@pytest.fixture
+def engine(demo):
+    model, proc = demo
+    eng = Engine(model, proc, EngineConfig(max_num_seqs=8, max_prefill_seqs=4, state_cache_bytes=64 << 20))
+    eng.start()
+    yield eng
+    eng.shutdown()
+
+
+def _wait(collectors, timeout=60):
+    for c in collectors:
+        assert c.done.wait(timeout), "request did not finish"
+
+
+def test_concurrent_requests_are_batched_and_correct(engine, demo):
+    _, proc = demo
+    samples = [make_sample("test", i) for i in range(12)]
+    qas = [s.qas[i % len(s.qas)] for i, s in enumerate(samples)]
+    cols = [Collector() for _ in samples]
+    for i, (s, qa, c) in enumerate(zip(samples, qas, cols)):
+        engine.add_request(make_request(proc, f"r{i}", [user(qa.question)], [s.image()], c))
+    _wait(cols)
+    answers = [c.text for c in cols]
+    assert answers == [qa.answer for qa in qas]
+    assert all(c.final.finish_reason == "stop" and c.final.prompt_tokens > 64 for c in cols)
+    assert engine.max_batch > 1 and engine.batched_steps > 0
+    assert engine.slots_used() == 0 and engine.num_running() == 0
+
+
+def test_second_turn_resumes_from_cached_state_with_identical_answer(engine, demo):
+    _, proc = demo
+    s = make_sample("test", 21)
+    q1, q2 = s.qas[0], s.qas[-1]
+    turn1 = [user(q1.question)]
+    c1 = Collector()
+    engine.add_request(make_request(proc, "t1", turn1, [s.image()], c1, scope="alice"))
+    _wait([c1])
+    turn2 = turn1 + [{"role": "assistant", "content": c1.text}, user(q2.question, with_image=False)]
+    c2 = Collector()
+    engine.add_request(make_request(proc, "t2", turn2, [s.image()], c2, scope="alice"))
+    _wait([c2])
+    assert c2.final.cached_tokens > 64  # the image and the first turn were skipped
+    # Same request from another scope: no cache, same greedy answer.
+    c3 = Collector()
+    engine.add_request(make_request(proc, "t3", turn2, [s.image()], c3, scope="bob"))
+    _wait([c3])
+    assert c3.final.cached_tokens == 0
+    assert c2.text == c3.text == q2.answer
+
+
+def test_same_text_different_image_is_not_a_cache_hit(engine, demo):
+    _, proc = demo
+    a, b = make_sample("test", 30), make_sample("test", 31)
+    msgs = [user("Describe the image.")]
+    ca, cb = Collector(), Collector()
+    engine.add_request(make_request(proc, "a", msgs, [a.image()], ca))
+    _wait([ca])
+    follow = msgs + [{"role": "assistant", "content": ca.text}, user("How many shapes are there?", False)]
+    engine.add_request(make_request(proc, "b", follow, [b.image()], cb))
+    _wait([cb])
+    assert cb.final.cached_tokens == 0
+
+
+def test_abort_frees_the_slot_and_faults_fail_only_their_batch(engine, demo):
+    _, proc = demo
+    s = make_sample("test", 40)
+    c = Collector()
+    req = make_request(proc, "long", [user("Describe the image.")], [s.image()], c, max_tokens=10_000)
+    req.params.ignore_eos = True
+    engine.add_request(req)
+    time.sleep(0.3)
+    engine.abort("long")
+    deadline = time.time() + 10
+    while engine.slots_used() and time.time() < deadline:
+        time.sleep(0.02)
+    assert engine.slots_used() == 0
+    calls = []
+
+    def boom(phase, reqs):
+        if phase == "prefill" and any(r.request_id == "bad" for r in reqs) and not calls:
+            calls.append(phase)
+            raise RuntimeError("injected")
+
+    engine.fault_hook = boom
+    bad, good = Collector(), Collector()
+    engine.add_request(make_request(proc, "bad", [user("Describe the image.")], [s.image()], bad))
+    _wait([bad])
+    engine.add_request(make_request(proc, "good", [user("Describe the image.")], [s.image()], good))
+    _wait([good])
+    assert bad.final.finish_reason == "error" and "internal error" in bad.final.error
+    assert good.final.finish_reason == "stop" and good.text
+    assert engine.alive and engine.slots_used() == 0
