@@ -136,10 +136,17 @@ def cmd_eval_shapes(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    print("The HTTP server is not part of this release yet. Meanwhile, answer one question with:\n"
-          "  vlmamba generate --checkpoint DIR --image IMAGE.png --prompt 'Describe the image.'\n"
-          "and build a checkpoint with `vlmamba assemble` (see docs/checkpoint-format.md).", file=sys.stderr)
-    return 2
+    import uvicorn
+
+    from server.app import create_app
+    from server.settings import from_args
+
+    settings = from_args(args)
+    app = create_app(settings)
+    # Graceful shutdown: on SIGTERM uvicorn stops accepting and lets running streams finish.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower(),
+                timeout_graceful_shutdown=int(settings.grace_period))
+    return 0
 
 
 def cmd_shapes_export(argv: list[str]) -> int:
@@ -224,7 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="also write the result as JSON to this file")
     e.set_defaults(func=cmd_eval_shapes)
 
-    s = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    s = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server (default: the bundled demo model)",
+                       description="Serve a checkpoint over an OpenAI-compatible API (/v1/chat/completions, "
+                                   "/v1/models, /health, /metrics, docs at /docs). Every flag can also be set "
+                                   "with the VLMAMBA_* environment variable named in its help.")
+    from server.settings import add_arguments
+
+    add_arguments(s)
     s.set_defaults(func=cmd_serve)
 
     sub.add_parser("shapes-export", add_help=False, help="write a Shapes-VQA split in LLaVA format (see --help)")

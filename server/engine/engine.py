@@ -146,6 +146,8 @@ class Engine:
                 self._release(r)
                 if r in self.waiting:
                     self.waiting.remove(r)
+                self.observer.on_finish(r, EngineOutput(r.request_id, finished=True, finish_reason="abort",
+                                                        prompt_tokens=len(r.prompt_ids)), time.monotonic())
             self._aborts.clear()
 
     # ---- phases ----------------------------------------------------------------------------
@@ -154,6 +156,7 @@ class Engine:
         while self.waiting and self.free_slots and len(new) < self.config.max_prefill_seqs:
             req = self.waiting.popleft()
             req.slot = self.free_slots.pop()
+            req.admit_time = time.monotonic()
             self._restore(req)
             req.decoder = SequenceDecoder(self.processor.tokenizer, req.params,
                                           tuple(self.processor.eos_token_ids), self.device)
@@ -241,8 +244,10 @@ class Engine:
         self._release(req)
         if req in self.waiting:
             self.waiting.remove(req)
-        req.sink(EngineOutput(req.request_id, finished=True, finish_reason="error", error=message,
-                              prompt_tokens=len(req.prompt_ids)))
+        out = EngineOutput(req.request_id, finished=True, finish_reason="error", error=message,
+                           prompt_tokens=len(req.prompt_ids))
+        self.observer.on_finish(req, out, time.monotonic())
+        req.sink(out)
 
     def _release(self, req: EngineRequest) -> None:
         if req in self.running:

@@ -51,6 +51,7 @@ class EngineRequest:
     arrival: float = field(default_factory=time.monotonic)
     # Owned by the engine:
     slot: int | None = None
+    admit_time: float | None = None
     cached_tokens: int = 0
     decoder: object = None
     last_token: int | None = None

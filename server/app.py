@@ -1,0 +1,153 @@
+"""The FastAPI application: thin routes over ChatService, the engine and the metrics."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from server import errors
+from server.errors import BodyTooLarge, Unauthorized, Unavailable
+from server.protocol import ChatCompletionRequest
+from server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+def load_model(settings: ServerSettings):
+    import torch
+
+    from model.checkpoint_vlm import load_vlmamba
+    from model.demo import DEMO_CHECKPOINT
+
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[settings.dtype]
+    path = Path(settings.checkpoint or DEMO_CHECKPOINT)
+    model, proc = load_vlmamba(path, device=device, dtype=dtype, backend=settings.backend)
+    return model, proc, settings.served_model_name or path.name
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies over the limit, by Content-Length or while streaming in."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._reject(send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send):
+        resp = errors.error_response(BodyTooLarge(f"request body exceeds {self.max_bytes} bytes"))
+        await send({"type": "http.response.start", "status": resp.status_code,
+                    "headers": [(k.encode(), v.encode()) for k, v in resp.headers.items()]})
+        await send({"type": "http.response.body", "body": resp.body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
+    """``loaded``: an already loaded ``(model, processor, name)`` (tests share one model)."""
+    from server.engine import Engine, EngineConfig
+    from server.images import ImageFetcher, ImageLimits
+    from server.metrics import Metrics
+    from server.serving import ChatService
+
+    state = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        model, proc, name = loaded or load_model(settings)
+        metrics = Metrics()
+        cfg = EngineConfig(settings.max_num_seqs, settings.max_prefill_seqs, int(settings.state_cache_gb * 2**30))
+        engine = Engine(model, proc, cfg, metrics)
+        metrics.attach(engine)
+        limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
+                             timeout_s=settings.image_fetch_timeout, allow_private=settings.allow_private_image_urls,
+                             allowed_domains=tuple(d.strip() for d in (settings.image_domains or "").split(",")
+                                                   if d.strip()))
+        fetcher = ImageFetcher(limits)
+        engine.start()
+        state.update(engine=engine, metrics=metrics, name=name, started=int(time.time()),
+                     chat=ChatService(engine, proc, fetcher, settings, metrics, name))
+        log.info("serving %s on %s with %d state slots", name, model.llm.backbone.embedding.weight.device,
+                 settings.max_num_seqs)
+        yield
+        engine.shutdown()
+        await fetcher.aclose()
+
+    app = FastAPI(title="vlmamba-serve", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible server for VL-Mamba vision-language models.")
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    errors.install(app)
+    keys = [k.encode() for k in settings.api_keys]
+
+    def api_key(authorization: str | None = Header(default=None)) -> str | None:
+        if not keys:
+            return None
+        token = (authorization or "").removeprefix("Bearer ").strip().encode()
+        # Compare against every key in constant time; never log the key.
+        if not any([hmac.compare_digest(token, k) for k in keys]):
+            raise Unauthorized("missing or invalid API key (send 'Authorization: Bearer KEY')")
+        return token.decode()
+
+    open_or_key = (lambda: None) if not settings.protect_health else api_key
+
+    @app.post("/v1/chat/completions", summary="Create a chat completion (OpenAI-compatible)")
+    async def chat_completions(body: ChatCompletionRequest, request: Request, key: str | None = Depends(api_key),
+                               x_session_id: str | None = Header(default=None)):
+        chat = state["chat"]
+        chat.check(body)
+        chat.admit()
+        rid, queue = await chat.submit(body, key, x_session_id)
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(chat.stream(rid, queue, include), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(await chat.complete(rid, queue))
+
+    @app.get("/v1/models", summary="List the served model")
+    async def models(key: str | None = Depends(api_key)):
+        return {"object": "list", "data": [{"id": state["name"], "object": "model", "created": state["started"],
+                                            "owned_by": "vlmamba-serve"}]}
+
+    @app.get("/health", summary="200 once the model is loaded and the engine loop is alive")
+    async def health(_: None = Depends(open_or_key)):
+        engine = state.get("engine")
+        if engine is None or not engine.alive:
+            raise Unavailable("model not loaded or engine stopped")
+        return {"status": "ok", "running": engine.num_running(), "waiting": engine.num_waiting(),
+                "slots_used": engine.slots_used()}
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics(_: None = Depends(open_or_key)):
+        return Response(state["metrics"].render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

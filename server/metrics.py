@@ -1,0 +1,74 @@
+"""Prometheus metrics (prefix ``vlmamba_``) in a registry of the app's own.
+
+The engine reports through the :class:`~server.engine.engine.Observer` hooks (from its
+thread; prometheus-client is thread-safe); gauges and cache counters are read at scrape time.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from server.engine.engine import Observer
+
+LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _EngineCollector:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        e, c = self.engine, self.engine.cache
+        yield GaugeMetricFamily("vlmamba_requests_running", "Sequences holding a state slot", e.num_running())
+        yield GaugeMetricFamily("vlmamba_requests_waiting", "Requests waiting for a state slot", e.num_waiting())
+        yield GaugeMetricFamily("vlmamba_state_slots_used", "State slots in use", e.slots_used())
+        yield GaugeMetricFamily("vlmamba_state_slots_total", "State slots in the pool", e.config.max_num_seqs)
+        yield GaugeMetricFamily("vlmamba_state_cache_bytes", "Bytes of cached session states", c.bytes)
+        yield GaugeMetricFamily("vlmamba_state_cache_entries", "Cached session states", len(c))
+        yield CounterMetricFamily("vlmamba_state_cache_hits", "Prompts resumed from a cached state", c.hits)
+        yield CounterMetricFamily("vlmamba_state_cache_misses", "Prompts with no cached prefix", c.misses)
+        yield CounterMetricFamily("vlmamba_state_cache_evictions", "Cached states evicted", c.evictions)
+
+
+class Metrics(Observer):
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        h = lambda name, doc, buckets=LATENCY: Histogram(name, doc, registry=r, buckets=buckets)
+        self.ttft = h("vlmamba_time_to_first_token_seconds", "Arrival to first token")
+        self.itl = h("vlmamba_inter_token_latency_seconds", "Time between tokens of a sequence")
+        self.e2e = h("vlmamba_e2e_request_latency_seconds", "Arrival to last token")
+        self.queue = h("vlmamba_request_queue_time_seconds", "Arrival to admission into a state slot")
+        self.fetch = h("vlmamba_image_fetch_seconds", "Image URL fetch time")
+        self.batch = h("vlmamba_decode_batch_size", "Sequences per decode step", (1, 2, 4, 8, 16, 32, 64, 128, 256))
+        c = lambda name, doc, labels=(): Counter(name, doc, labels, registry=r)
+        self.prompt_tokens = c("vlmamba_prompt_tokens", "Prompt tokens processed (cached ones included)")
+        self.cached_tokens = c("vlmamba_cached_prompt_tokens", "Prompt tokens resumed from the state cache")
+        self.generation_tokens = c("vlmamba_generation_tokens", "Tokens generated")
+        self.finished = c("vlmamba_requests_finished", "Finished requests by finish reason", ("reason",))
+        self.rejected = c("vlmamba_requests_rejected", "Rejected requests by reason", ("reason",))
+        self.fetch_failures = c("vlmamba_image_fetch_failures", "Failed image fetches by reason", ("reason",))
+
+    def attach(self, engine) -> None:
+        self.registry.register(_EngineCollector(engine))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # Observer hooks, called from the engine thread.
+    def on_first_token(self, req, now):
+        self.ttft.observe(now - req.arrival)
+        self.queue.observe(max(0.0, (req.admit_time or now) - req.arrival))
+
+    def on_token(self, req, gap_s):
+        self.itl.observe(gap_s)
+
+    def on_step(self, batch_size):
+        self.batch.observe(batch_size)
+
+    def on_finish(self, req, out, now):
+        self.e2e.observe(now - req.arrival)
+        self.prompt_tokens.inc(out.prompt_tokens)
+        self.cached_tokens.inc(out.cached_tokens)
+        self.generation_tokens.inc(out.completion_tokens)
+        self.finished.labels(out.finish_reason or "unknown").inc()

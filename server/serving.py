@@ -1,0 +1,177 @@
+"""Chat completions: HTTP request -> engine request -> a response body or an SSE stream."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from model.errors import InvalidRequest, PromptTooLong
+from model.sampling import SamplingParams
+from server.engine import EngineOutput, EngineRequest, ImageInput
+from server.errors import EngineFailure, QueueFull
+from server.protocol import ChatCompletionRequest, chunk_body, completion_body, completion_id, usage_dict
+
+log = logging.getLogger(__name__)
+_warned_fields: set[str] = set()
+KNOWN = set(ChatCompletionRequest.model_fields)
+
+
+def scope_of(api_key: str | None) -> str:
+    """Cache scope of a caller: a digest of the API key (never the key itself)."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:32] if api_key else ""
+
+
+class ChatService:
+    def __init__(self, engine, processor, fetcher, settings, metrics, model_name: str):
+        self.engine, self.processor, self.fetcher = engine, processor, fetcher
+        self.settings, self.metrics, self.model_name = settings, metrics, model_name
+        self.pending = 0  # admitted, still fetching or tokenizing, not yet in the engine
+
+    # ---- validation and admission ------------------------------------------------------------
+    def check(self, req: ChatCompletionRequest) -> None:
+        unknown = set(req.model_extra or ()) - _warned_fields
+        if unknown:
+            _warned_fields.update(unknown)
+            log.info("ignoring unsupported request fields: %s", ", ".join(sorted(unknown)))
+        s = self.settings
+        if req.n not in (None, 1):
+            raise InvalidRequest("n > 1 is not supported", param="n")
+        if req.logprobs:
+            raise InvalidRequest("logprobs are not supported", param="logprobs")
+        if req.tools:
+            raise InvalidRequest("tools are not supported by this model", param="tools")
+        if len(req.messages) > s.max_messages:
+            raise InvalidRequest(f"too many messages: {len(req.messages)} > {s.max_messages}", param="messages")
+        n_images = sum(1 for m in req.messages if isinstance(m.content, list) for p in m.content
+                       if p.type == "image_url")
+        if n_images > s.max_images_per_request:
+            raise InvalidRequest(f"too many images: {n_images} > {s.max_images_per_request}", param="messages")
+
+    def admit(self) -> None:
+        """Reserve a queue place before any image is fetched; 429 when the queue is full."""
+        if self.engine.num_waiting() + self.pending >= self.settings.max_queue:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise QueueFull(f"the server's queue is full ({self.settings.max_queue} waiting); retry shortly")
+        self.pending += 1
+
+    # ---- building the engine request -----------------------------------------------------------
+    async def _images_and_messages(self, req: ChatCompletionRequest):
+        urls, messages = [], []
+        for m in req.messages:
+            role = "system" if m.role == "developer" else m.role
+            if isinstance(m.content, list):
+                parts = []
+                for p in m.content:
+                    if p.type == "text":
+                        parts.append({"type": "text", "text": p.text})
+                    else:
+                        parts.append({"type": "image"})
+                        urls.append(p.image_url.url)
+                messages.append({"role": role, "content": parts})
+            else:
+                messages.append({"role": role, "content": m.content or ""})
+        images = await asyncio.gather(*(self._fetch(u) for u in urls))
+        return messages, images
+
+    async def _fetch(self, url: str):
+        try:
+            got = await self.fetcher.fetch(url)
+        except Exception as e:
+            self.metrics.fetch_failures.labels(getattr(e, "code", None) or type(e).__name__).inc()
+            raise
+        self.metrics.fetch.observe(got.seconds)
+        return got.image
+
+    def _encode(self, messages: list[dict], images: list) -> tuple[list[int], list[ImageInput]]:
+        """Runs in a worker thread: chat template, tokenizing, image preprocessing, digests."""
+        text = self.processor.apply_chat_template(messages)
+        if self.processor.image_token in "".join(p.get("text", "") for m in messages
+                                                 if isinstance(m["content"], list) for p in m["content"]):
+            raise InvalidRequest(f"text parts may not contain the reserved marker {self.processor.image_token}",
+                                 param="messages")
+        ids = self.processor.tokenize(text, len(images))
+        pixels = self.processor.preprocess_images(images)
+        inputs = [ImageInput(px, hashlib.sha256(px.numpy().tobytes()).hexdigest()[:32])
+                  for px in (pixels if pixels is not None else [])]
+        return ids, inputs
+
+    def _params(self, req: ChatCompletionRequest, prompt_len: int) -> SamplingParams:
+        room = self.settings.max_model_len - prompt_len
+        if room < 1:
+            raise PromptTooLong(f"the prompt has {prompt_len} tokens; the limit is {self.settings.max_model_len} "
+                                "including the completion", param="messages")
+        asked = req.max_completion_tokens or req.max_tokens
+        if asked is not None and asked > room:
+            raise PromptTooLong(f"prompt ({prompt_len}) + max_tokens ({asked}) exceeds max_model_len "
+                                f"({self.settings.max_model_len})", param="max_tokens")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > 4:
+            raise InvalidRequest("at most 4 stop sequences", param="stop")
+        return SamplingParams(max_tokens=asked or min(room, self.settings.default_max_tokens),
+                              temperature=1.0 if req.temperature is None else req.temperature,
+                              top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
+                              stop=tuple(stop), presence_penalty=req.presence_penalty or 0.0,
+                              frequency_penalty=req.frequency_penalty or 0.0, ignore_eos=req.ignore_eos)
+
+    async def submit(self, req: ChatCompletionRequest, api_key: str | None, session_id: str | None):
+        """Fetch, encode and hand the request to the engine. Returns (request_id, output queue)."""
+        try:
+            messages, images = await self._images_and_messages(req)
+            ids, inputs = await asyncio.to_thread(self._encode, messages, images)
+            params = self._params(req, len(ids))
+        finally:
+            self.pending -= 1
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        rid = completion_id()
+        sink = lambda out: loop.call_soon_threadsafe(queue.put_nowait, out)
+        self.engine.add_request(EngineRequest(rid, ids, inputs, params, sink, scope=scope_of(api_key),
+                                              session_id=session_id or req.session_id))
+        return rid, queue
+
+    # ---- responses ------------------------------------------------------------------------------
+    async def complete(self, rid: str, queue: asyncio.Queue) -> dict:
+        text = []
+        try:
+            while True:
+                out: EngineOutput = await queue.get()
+                text.append(out.text)
+                if out.finished:
+                    break
+        except asyncio.CancelledError:
+            self.engine.abort(rid)
+            raise
+        if out.error:
+            raise EngineFailure(f"generation failed: {out.error}")
+        usage = usage_dict(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
+        return completion_body(rid, self.model_name, "".join(text), out.finish_reason, usage)
+
+    async def stream(self, rid: str, queue: asyncio.Queue, include_usage: bool) -> AsyncIterator[str]:
+        created = int(time.time())
+        sse = lambda body: f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+        finished = False
+        try:
+            yield sse(chunk_body(rid, self.model_name, created, {"role": "assistant", "content": ""}))
+            while True:
+                out: EngineOutput = await queue.get()
+                finished = out.finished
+                if out.error:
+                    err = {"message": f"generation failed: {out.error}", "type": "server_error", "param": None,
+                           "code": "internal_error"}
+                    yield f"data: {json.dumps({'error': err})}\n\n"
+                    break
+                if out.text:
+                    yield sse(chunk_body(rid, self.model_name, created, {"content": out.text}))
+                if out.finished:
+                    yield sse(chunk_body(rid, self.model_name, created, {}, out.finish_reason))
+                    if include_usage:
+                        usage = usage_dict(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
+                        yield sse(chunk_body(rid, self.model_name, created, {}, usage=usage, with_choice=False))
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            if not finished:
+                self.engine.abort(rid)  # the client went away (or the stream broke): free the slot

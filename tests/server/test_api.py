@@ -1,0 +1,235 @@
+import base64
+import concurrent.futures as cf
+import io
+import json
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from model.data.shapes import make_sample
+from model.generate import generate
+from model.sampling import SamplingParams
+from server.settings import ServerSettings
+from tests.server.live import ImageServer, LiveServer
+
+
+def data_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def ask(url: str, question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": question}]}]
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return [make_sample("test", i) for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def images(samples):
+    srv = ImageServer({f"s{i}": s.image() for i, s in enumerate(samples)})
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def live(demo):
+    model, proc = demo
+    settings = ServerSettings(allow_private_image_urls=True, max_num_seqs=16, image_fetch_timeout=1.5)
+    with LiveServer(settings, (model, proc, "shapes-demo")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def health(live) -> dict:
+    r = httpx.get(live.url + "/health")
+    assert r.status_code == 200
+    return r.json()
+
+
+def metrics(live) -> dict:
+    text = httpx.get(live.url + "/metrics").text
+    return {s.name + str(sorted(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_non_streamed_chat_with_a_data_image(client, samples):
+    s = samples[0]
+    qa = next(q for q in s.qas if q.qtype == "describe")
+    r = client.chat.completions.create(model="shapes-demo", messages=ask(data_url(s.image()), qa.question),
+                                       temperature=0)
+    assert r.choices[0].message.content == qa.answer and r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens > 64 and r.usage.completion_tokens >= 1
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+    assert r.object == "chat.completion" and r.model == "shapes-demo"
+
+
+def test_streamed_chat_with_an_http_image(client, images, samples):
+    s = samples[1]
+    qa = next(q for q in s.qas if q.qtype == "count")
+    stream = client.chat.completions.create(model="shapes-demo", messages=ask(f"{images.url}/s1.png", qa.question),
+                                            temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == qa.answer
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_sixteen_concurrent_requests_are_batched_and_correct(client, images, samples, live):
+    before = metrics(live)
+    jobs = [(i, samples[i].qas[i % len(samples[i].qas)]) for i in range(4, 20)]
+
+    def one(job):
+        i, qa = job
+        r = client.chat.completions.create(model="m", messages=ask(f"{images.url}/s{i}.png", qa.question),
+                                           temperature=0, max_tokens=40)
+        return r.choices[0].message.content
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, jobs))
+    assert answers == [qa.answer for _, qa in jobs]
+    after = metrics(live)
+    steps = after["vlmamba_decode_batch_size_count[]"] - before.get("vlmamba_decode_batch_size_count[]", 0)
+    single = after["vlmamba_decode_batch_size_bucket[('le', '1.0')]"] - \
+        before.get("vlmamba_decode_batch_size_bucket[('le', '1.0')]", 0)
+    assert steps > single  # some decode steps carried more than one sequence
+    assert health(live)["slots_used"] == 0
+
+
+def test_second_turn_uses_the_session_cache_and_matches_uncached(client, samples, demo):
+    model, proc = demo
+    s = samples[25]
+    q1 = next(q for q in s.qas if q.qtype == "describe")
+    q2 = next(q for q in s.qas if q.qtype == "count")
+    msgs = ask(data_url(s.image()), q1.question)
+    r1 = client.chat.completions.create(model="m", messages=msgs, temperature=0, extra_body={"session_id": "conv-1"})
+    msgs += [{"role": "assistant", "content": r1.choices[0].message.content},
+             {"role": "user", "content": q2.question}]
+    r2 = client.chat.completions.create(model="m", messages=msgs, temperature=0, extra_body={"session_id": "conv-1"})
+    assert r2.usage.prompt_tokens_details.cached_tokens > 64
+    ref = generate(model, proc, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q1.question}]},
+                                 {"role": "assistant", "content": r1.choices[0].message.content},
+                                 {"role": "user", "content": q2.question}],
+                   images=[s.image()], params=SamplingParams(temperature=0, max_tokens=40))
+    assert r2.choices[0].message.content == ref.text == q2.answer
+
+
+def _post(live, body, **kw):
+    return httpx.post(live.url + "/v1/chat/completions", json=body, timeout=30, **kw)
+
+
+@pytest.mark.parametrize("case,status,code", [
+    ("bad_base64", 400, "invalid_image"),
+    ("not_image", 400, "invalid_image"),
+    ("too_many_images", 400, "invalid_request"),
+    ("prompt_too_long", 400, "context_length_exceeded"),
+    ("bad_temperature", 400, "invalid_request"),
+    ("n_two", 400, "invalid_request"),
+    ("missing_messages", 400, "invalid_request"),
+    ("fetch_404", 502, "image_fetch_failed"),
+    ("fetch_timeout", 504, "image_fetch_timeout"),
+])
+def test_errors_have_openai_shape_and_leave_the_server_clean(live, images, samples, case, status, code):
+    img = data_url(samples[2].image())
+    body = {"model": "m", "messages": ask(img, "How many shapes are there?")}
+    if case == "bad_base64":
+        body["messages"] = ask("data:image/png;base64,@@@notbase64", "Hi")
+    elif case == "not_image":
+        body["messages"] = ask("data:image/png;base64," + base64.b64encode(b"hello world").decode(), "Hi")
+    elif case == "too_many_images":
+        body["messages"][0]["content"] = [{"type": "image_url", "image_url": {"url": img}}] * 9
+    elif case == "prompt_too_long":
+        body["messages"][0]["content"][1]["text"] = "yes " * 5000
+    elif case == "bad_temperature":
+        body["temperature"] = 7
+    elif case == "n_two":
+        body["n"] = 2
+    elif case == "missing_messages":
+        body.pop("messages")
+    elif case == "fetch_404":
+        body["messages"] = ask(f"{images.url}/missing.png", "Hi")
+    elif case == "fetch_timeout":
+        body["messages"] = ask(f"{images.url}/stall/3", "Hi")
+    r = _post(live, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["message"] and "type" in err and "param" in err
+    assert health(live)["slots_used"] == 0 and health(live)["waiting"] == 0
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(live, samples):
+    import time
+
+    aborted = "vlmamba_requests_finished_total[('reason', 'abort')]"
+    before = metrics(live).get(aborted, 0)
+    body = {"model": "m", "messages": ask(data_url(samples[3].image()), "Describe the image."), "stream": True,
+            "max_tokens": 3500, "ignore_eos": True}  # would run for many seconds
+    with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()  # kept alive: a collected iterator closes the response
+        for _ in range(6):
+            assert next(lines).startswith("data: {") and next(lines) == ""
+        assert health(live)["slots_used"] == 1
+    t0 = time.time()
+    while health(live)["slots_used"] and time.time() - t0 < 5:
+        time.sleep(0.02)
+    assert health(live)["slots_used"] == 0
+    assert metrics(live)[aborted] == before + 1  # freed by the abort, not by finishing
+
+
+def test_models_metrics_and_docs(live, client):
+    assert [m.id for m in client.models.list().data] == ["shapes-demo"]
+    m = metrics(live)
+    for name in ("vlmamba_time_to_first_token_seconds_count[]", "vlmamba_prompt_tokens_total[]",
+                 "vlmamba_generation_tokens_total[]", "vlmamba_state_slots_total[]", "vlmamba_state_cache_bytes[]",
+                 "vlmamba_requests_finished_total[('reason', 'stop')]"):
+        assert name in m, name
+    assert m["vlmamba_generation_tokens_total[]"] > 0 and m["vlmamba_state_slots_total[]"] == 16
+    assert m["vlmamba_cached_prompt_tokens_total[]"] > 0  # the multi-turn test hit the cache
+    assert httpx.get(live.url + "/docs").status_code == 200
+    assert "/v1/chat/completions" in httpx.get(live.url + "/openapi.json").json()["paths"]
+
+
+@pytest.fixture(scope="module")
+def strict(demo):
+    model, proc = demo
+    settings = ServerSettings(api_key="k1,k2", max_body_bytes=200_000, max_num_seqs=1, max_queue=1)
+    with LiveServer(settings, (model, proc, "shapes-demo")) as srv:
+        yield srv
+
+
+def test_api_keys_body_limit_queue_and_private_urls(strict, images, samples):
+    url = strict.url + "/v1/chat/completions"
+    body = {"model": "m", "messages": ask(data_url(samples[5].image()), "How many shapes are there?")}
+    assert httpx.post(url, json=body).status_code == 401
+    assert httpx.post(url, json=body, headers={"Authorization": "Bearer nope"}).json()["error"]["code"] == \
+        "invalid_api_key"
+    ok = httpx.post(url, json=body, headers={"Authorization": "Bearer k2"}, timeout=30)
+    assert ok.status_code == 200
+    assert httpx.get(strict.url + "/health").status_code == 200  # health stays open
+    big = {"model": "m", "messages": [{"role": "user", "content": "x" * 300_000}]}
+    r = httpx.post(url, json=big, headers={"Authorization": "Bearer k1"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    private = {"model": "m", "messages": ask(f"{images.url}/s1.png", "Hi")}
+    r = httpx.post(url, json=private, headers={"Authorization": "Bearer k1"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "image_url_refused"
+    # One slot, queue of one: a burst gets 429s with Retry-After, and everything else completes.
+    slow = dict(body, max_tokens=400, temperature=1.0, frequency_penalty=-2.0)
+    with cf.ThreadPoolExecutor(6) as pool:
+        rs = list(pool.map(lambda _: httpx.post(url, json=slow, headers={"Authorization": "Bearer k1"}, timeout=60),
+                           range(6)))
+    codes = sorted(r.status_code for r in rs)
+    assert 429 in codes and set(codes) <= {200, 429}
+    assert all(r.headers.get("retry-after") for r in rs if r.status_code == 429)
+    assert httpx.get(strict.url + "/health").json()["slots_used"] == 0
