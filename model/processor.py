@@ -39,11 +39,14 @@ class VLMambaProcessor:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, config: VLMambaConfig) -> "VLMambaProcessor":
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PretrainedConfig
 
         from model.vision import image_processor_for
 
-        return cls(AutoTokenizer.from_pretrained(str(directory)), image_processor_for(config.vision, directory), config)
+        # An empty config: our config.json is not a transformers model config, and the tokenizer
+        # files alone say which tokenizer this is.
+        tok = AutoTokenizer.from_pretrained(str(directory), config=PretrainedConfig())
+        return cls(tok, image_processor_for(config.vision, directory), config)
 
     def save_pretrained(self, directory: str | Path) -> None:
         self.tokenizer.save_pretrained(str(directory))

@@ -131,7 +131,7 @@ def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(chat.stream(rid, queue, include), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return JSONResponse(await chat.complete(rid, queue))
+        return JSONResponse(await chat.complete(rid, queue, request.is_disconnected))
 
     @app.get("/v1/models", summary="List the served model")
     async def models(key: str | None = Depends(api_key)):

@@ -133,11 +133,22 @@ class ChatService:
         return rid, queue
 
     # ---- responses ------------------------------------------------------------------------------
-    async def complete(self, rid: str, queue: asyncio.Queue) -> dict:
-        text = []
+    async def complete(self, rid: str, queue: asyncio.Queue, disconnected=None) -> dict:
+        """Collect the whole answer; ``disconnected`` (async, -> bool) is polled so a client that
+        hangs up frees its slot even though nothing is being streamed to it."""
+        text, checked = [], time.monotonic()
         try:
             while True:
-                out: EngineOutput = await queue.get()
+                try:
+                    out: EngineOutput = await asyncio.wait_for(queue.get(), timeout=0.5)
+                except TimeoutError:
+                    out = None
+                if disconnected is not None and time.monotonic() - checked > 0.5:
+                    checked = time.monotonic()
+                    if await disconnected():
+                        raise asyncio.CancelledError
+                if out is None:
+                    continue
                 text.append(out.text)
                 if out.finished:
                     break

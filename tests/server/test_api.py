@@ -188,6 +188,19 @@ def test_client_disconnect_mid_stream_frees_the_slot(live, samples):
     assert metrics(live)[aborted] == before + 1  # freed by the abort, not by finishing
 
 
+def test_client_disconnect_without_streaming_frees_the_slot(live, samples):
+    import time
+
+    body = {"model": "m", "messages": ask(data_url(samples[4].image()), "Describe the image."),
+            "max_tokens": 3500, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(live.url + "/v1/chat/completions", json=body, timeout=1.0)
+    t0 = time.time()
+    while health(live)["slots_used"] and time.time() - t0 < 5:
+        time.sleep(0.05)
+    assert health(live)["slots_used"] == 0 and time.time() - t0 < 5
+
+
 def test_models_metrics_and_docs(live, client):
     assert [m.id for m in client.models.list().data] == ["shapes-demo"]
     m = metrics(live)
