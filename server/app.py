@@ -95,6 +95,7 @@ def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
                                                    if d.strip()))
         fetcher = ImageFetcher(limits)
         engine.start()
+        app.state.engine = engine  # for operators' hooks and tests (e.g. fault injection)
         state.update(engine=engine, metrics=metrics, name=name, started=int(time.time()),
                      chat=ChatService(engine, proc, fetcher, settings, metrics, name))
         log.info("serving %s on %s with %d state slots", name, model.llm.backbone.embedding.weight.device,

@@ -46,6 +46,10 @@ class ChatService:
             raise InvalidRequest("tools are not supported by this model", param="tools")
         if len(req.messages) > s.max_messages:
             raise InvalidRequest(f"too many messages: {len(req.messages)} > {s.max_messages}", param="messages")
+        chars = sum(len(m.content) if isinstance(m.content, str) else
+                    sum(len(p.text) for p in m.content if p.type == "text") if m.content else 0 for m in req.messages)
+        if chars > s.max_text_chars:
+            raise InvalidRequest(f"too much text: {chars} characters > {s.max_text_chars}", param="messages")
         n_images = sum(1 for m in req.messages if isinstance(m.content, list) for p in m.content
                        if p.type == "image_url")
         if n_images > s.max_images_per_request:

@@ -30,6 +30,7 @@ class ServerSettings:
     max_model_len: int = _opt(4096, "longest prompt + completion in tokens")
     max_images_per_request: int = _opt(8, "images allowed in one request")
     max_messages: int = _opt(256, "messages allowed in one request")
+    max_text_chars: int = _opt(200_000, "characters of text allowed in one request, all messages together")
     max_body_bytes: int = _opt(32 * 2**20, "largest request body in bytes (413 beyond)")
     state_cache_gb: float = _opt(1.0, "memory for cached session states, GiB (on the model's device)")
     api_key: str | None = _opt(None, "require 'Authorization: Bearer KEY' (comma-separated for several keys)")

@@ -1,0 +1,151 @@
+"""Bad input, load, faults and isolation against real servers on loopback."""
+
+import asyncio
+import logging
+import secrets
+import time
+
+import httpx
+import pytest
+
+from model.data.shapes import make_sample
+from server.settings import ServerSettings
+from tests.server.live import ImageServer, LiveServer
+from tests.server.test_api import ask, data_url
+
+
+def _health(srv) -> dict:
+    r = httpx.get(srv.url + "/health", timeout=10)
+    assert r.status_code == 200
+    return r.json()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def _wait_idle(srv, timeout=20):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        h = _health(srv)
+        if h["slots_used"] == 0 and h["waiting"] == 0:
+            return h
+        time.sleep(0.05)
+    raise AssertionError(f"server not idle: {_health(srv)}")
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    srv = ImageServer({"a": make_sample("test", 1).image()})
+    yield srv
+    srv.close()
+
+
+def test_loopback_forms_of_image_urls_are_refused_end_to_end(demo, image_server):
+    model, proc = demo
+    port = image_server.url.rsplit(":", 1)[1]
+    hits = []
+    image_server.httpd.RequestHandlerClass.log_request = lambda self, *a: hits.append(self.path)
+    forms = [f"http://127.0.0.1:{port}/a.png", f"http://localhost:{port}/a.png", f"http://[::1]:{port}/a.png",
+             f"http://2130706433:{port}/a.png", f"http://0x7f.0.0.1:{port}/a.png", f"http://127.1:{port}/a.png",
+             f"http://0177.0.0.1:{port}/a.png", f"http://[::ffff:127.0.0.1]:{port}/a.png",
+             f"http://0.0.0.0:{port}/a.png", "file:///etc/passwd", "ftp://127.0.0.1/a.png", "gopher://127.0.0.1/"]
+    with LiveServer(ServerSettings(), (model, proc, "m")) as srv:
+        for url in forms:
+            r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": ask(url, "Hi")}, timeout=10)
+            assert r.status_code == 400 and r.json()["error"]["code"] in ("image_url_refused", "invalid_image_url"), url
+        assert _health(srv)["slots_used"] == 0
+    assert hits == []  # nothing reached the image server
+
+
+def test_too_much_text_is_a_clear_400(demo):
+    model, proc = demo
+    with LiveServer(ServerSettings(max_text_chars=1000), (model, proc, "m")) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "a" * 1001}]})
+        assert r.status_code == 400 and "too much text" in r.json()["error"]["message"]
+
+
+def test_400_concurrent_requests_against_a_queue_of_64(demo):
+    model, proc = demo
+    settings = ServerSettings(max_queue=64, max_num_seqs=16, state_cache_gb=0.01)
+    img = data_url(make_sample("test", 2).image())
+    body = {"messages": ask(img, "How many shapes are there?"), "max_tokens": 4, "temperature": 0}
+    with LiveServer(settings, (model, proc, "m")) as srv:
+        httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30)  # warm up
+        baseline = _rss_mb()
+
+        async def burst():
+            limits = httpx.Limits(max_connections=400, max_keepalive_connections=0)
+            async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+                return await asyncio.gather(*(client.post(srv.url + "/v1/chat/completions", json=body)
+                                              for _ in range(400)))
+
+        rss = []
+        for _ in range(2):
+            t0 = time.time()
+            rs = asyncio.run(asyncio.wait_for(burst(), 180))
+            codes = [r.status_code for r in rs]
+            print(f"400 requests in {time.time() - t0:.1f}s: {codes.count(200)} x 200, {codes.count(429)} x 429")
+            assert set(codes) <= {200, 429} and codes.count(200) >= 64 and codes.count(429) > 0
+            assert all(r.headers.get("retry-after") for r in rs if r.status_code == 429)
+            assert all(r.json()["choices"][0]["message"]["content"] for r in rs if r.status_code == 200)
+            _wait_idle(srv)
+            rss.append(_rss_mb())
+        print(f"RSS: baseline {baseline:.0f} MB, after bursts {rss[0]:.0f}, {rss[1]:.0f} MB")
+        # The first burst grows allocator arenas and the connection pools once; a leak would keep growing.
+        assert rss[0] - baseline < 200 and rss[1] - rss[0] < 40
+
+
+def test_injected_engine_faults_fail_only_their_requests(demo):
+    model, proc = demo
+    img = data_url(make_sample("test", 3).image())
+    with LiveServer(ServerSettings(), (model, proc, "m")) as srv:
+        injected = []
+
+        def fault(phase, reqs):
+            if phase == "prefill" and any(r.session_id == "poison" for r in reqs):
+                injected.append(phase)
+                raise RuntimeError("injected fault")
+
+        srv.app.state.engine.fault_hook = fault
+        good = {"messages": ask(img, "Describe the image."), "stream": True, "max_tokens": 300, "ignore_eos": True}
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=good, timeout=60) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: {")
+            for i in range(10):
+                bad = {"messages": ask(img, "How many shapes are there?"), "session_id": "poison"}
+                r = httpx.post(srv.url + "/v1/chat/completions", json=bad, timeout=30)
+                assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+                # A poisoned stream gets an error event instead of a 500.
+            bad_stream = {**bad, "stream": True}
+            events = httpx.post(srv.url + "/v1/chat/completions", json=bad_stream, timeout=30).text
+            assert '"error"' in events and "injected" not in events.split("internal error")[0]
+            rest = [line for line in lines if line]
+        assert len(injected) == 11
+        assert rest[-1] == "data: [DONE]" and '"finish_reason":"length"' in rest[-2]
+        assert _wait_idle(srv)["slots_used"] == 0 and srv.app.state.engine.alive
+
+
+def test_api_keys_isolate_cached_states_and_are_never_logged(demo, caplog):
+    model, proc = demo
+    ka, kb = secrets.token_hex(16), secrets.token_hex(16)
+    s = make_sample("test", 8)
+    q1 = next(q for q in s.qas if q.qtype == "describe")
+    msgs = ask(data_url(s.image()), q1.question)
+    caplog.set_level(logging.DEBUG)
+    with LiveServer(ServerSettings(api_key=f"{ka},{kb}"), (model, proc, "m")) as srv:
+        post = lambda key, m: httpx.post(srv.url + "/v1/chat/completions", json={"messages": m, "temperature": 0},
+                                         headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+        first = post(ka, msgs)
+        follow = msgs + [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                         {"role": "user", "content": "How many shapes are there?"}]
+        other = post(kb, follow)  # identical prompt, other key: must not resume ka's state
+        own = post(ka, follow)
+        assert other["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert own["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        assert other["choices"][0]["message"]["content"] == own["choices"][0]["message"]["content"]
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": msgs},
+                       headers={"Authorization": f"Bearer {ka[:-1]}x"})
+        assert r.status_code == 401
+    assert ka not in caplog.text and kb not in caplog.text
