@@ -73,6 +73,32 @@ class _TooLarge(Exception):
     pass
 
 
+def draining_server(config, grace: float):
+    """A uvicorn server with a drain phase: on SIGTERM/SIGINT the app answers new requests with 503
+    while running ones finish (up to ``grace`` seconds), then uvicorn shuts down as usual."""
+    import asyncio
+
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            app = config.app
+            if getattr(app.state, "draining", False) or not hasattr(app.state, "engine"):
+                return super().handle_exit(sig, frame)
+            app.state.draining = True
+            log.info("draining: refusing new requests, letting %d running finish", app.state.engine.num_running())
+            asyncio.get_event_loop().create_task(self._drain(app.state.engine, sig, frame))
+
+        async def _drain(self, engine, sig, frame):
+            deadline = time.monotonic() + grace
+            while (engine.num_running() or engine.num_waiting()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # let the last events reach their clients
+            super().handle_exit(sig, frame)
+
+    return _Server(config)
+
+
 def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
     """``loaded``: an already loaded ``(model, processor, name)`` (tests share one model)."""
     from server.engine import Engine, EngineConfig
@@ -124,6 +150,8 @@ def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
     @app.post("/v1/chat/completions", summary="Create a chat completion (OpenAI-compatible)")
     async def chat_completions(body: ChatCompletionRequest, request: Request, key: str | None = Depends(api_key),
                                x_session_id: str | None = Header(default=None)):
+        if getattr(app.state, "draining", False):
+            raise Unavailable("the server is shutting down; retry on another replica")
         chat = state["chat"]
         chat.check(body)
         chat.admit()
@@ -144,6 +172,8 @@ def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
         engine = state.get("engine")
         if engine is None or not engine.alive:
             raise Unavailable("model not loaded or engine stopped")
+        if getattr(app.state, "draining", False):
+            raise Unavailable("draining for shutdown")
         return {"status": "ok", "running": engine.num_running(), "waiting": engine.num_waiting(),
                 "slots_used": engine.slots_used()}
 

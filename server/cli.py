@@ -138,14 +138,14 @@ def cmd_eval_shapes(args) -> int:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from server.app import create_app
+    from server.app import create_app, draining_server
     from server.settings import from_args
 
     settings = from_args(args)
     app = create_app(settings)
-    # Graceful shutdown: on SIGTERM uvicorn stops accepting and lets running streams finish.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower(),
-                timeout_graceful_shutdown=int(settings.grace_period))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level.lower(),
+                            timeout_graceful_shutdown=int(settings.grace_period))
+    draining_server(config, settings.grace_period).run()
     return 0
 
 
