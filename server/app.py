@@ -181,4 +181,8 @@ def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
     async def metrics(_: None = Depends(open_or_key)):
         return Response(state["metrics"].render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    if not settings.no_webui:
+        from server.webui import mount_webui
+
+        mount_webui(app)
     return app

@@ -240,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(s)
     s.set_defaults(func=cmd_serve)
 
+    from server.bench import add_bench_parser
+
+    add_bench_parser(sub)
+
     sub.add_parser("shapes-export", add_help=False, help="write a Shapes-VQA split in LLaVA format (see --help)")
     return p
 

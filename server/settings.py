@@ -42,6 +42,7 @@ class ServerSettings:
     image_domains: str | None = _opt(None, "comma-separated allowlist of image URL domains")
     default_max_tokens: int = _opt(512, "completion length when the request sets none")
     grace_period: float = _opt(30.0, "seconds running streams may finish after SIGTERM")
+    no_webui: bool = _opt(False, "do not serve the chat page at /")
 
     @property
     def api_keys(self) -> list[str]:

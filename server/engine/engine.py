@@ -8,7 +8,8 @@ Runs in its own thread so the asyncio event loop stays responsive. Each iteratio
 3. ``_prefill``: encode the new requests' images in one batch and prefill the uncached prompt
    suffixes in one right-padded batch; sample each first token;
 4. ``_decode``: one ``step`` for every running sequence, slots passed as indices;
-5. finished requests store their final state in the cache and free their slot.
+5. prompts' end states (after prefill) and finished requests' final states go to the session
+   state cache; finished requests free their slot.
 """
 
 from __future__ import annotations
@@ -189,6 +190,9 @@ class Engine:
         pix = torch.stack(images).to(self.device) if images else None
         slots = torch.tensor([r.slot for r in reqs], device=self.device)
         logits = self.model(ids.to(self.device), pix, state=self.state, slots=slots, lengths=lengths, last_only=True)
+        for r in reqs:  # the prompt's end: a resume point even if the reply does not re-tokenize the same
+            self.cache.store(r.scope, r.session_id, prefix_hashes(r.scope, self._cache_items(r))[-1],
+                             len(r.prompt_ids), self.state.read(r.slot))
         self._emit(reqs, logits)
 
     def _suffix_images(self, reqs: list[EngineRequest]) -> list[torch.Tensor]:

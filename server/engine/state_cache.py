@@ -4,7 +4,8 @@ A key is a chained hash over the prompt items (token ids, and for image position
 digest and offset), salted by the caller's scope, so one API key never sees another's states.
 A later prompt that starts with a cached prefix resumes from that state. Bounded by bytes,
 evicted least-recently-used; entries with a session id are evicted after all others, and a
-session keeps only its newest entry (a conversation only ever resumes from its latest turn).
+session keeps only its newest two entries (the latest turn's prompt and its end: a conversation
+only ever resumes from its latest turn).
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class _Entry:
 
 
 class StateCache:
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int, per_session: int = 2):
+        self.max_bytes, self.per_session = max_bytes, per_session
         self.entries: OrderedDict[bytes, _Entry] = OrderedDict()
         self.bytes = 0
         self.hits = self.misses = self.evictions = 0
@@ -73,11 +74,12 @@ class StateCache:
         nbytes = sum(t.numel() * t.element_size() for t in state)
         if nbytes > self.max_bytes or length == 0:
             return
-        if session_id is not None:
-            for k in [k for k, e in self.entries.items() if e.scope == scope and e.session_id == session_id]:
-                self._drop(k)
         if key in self.entries:
             self._drop(key)
+        if session_id is not None:
+            mine = [k for k, e in self.entries.items() if e.scope == scope and e.session_id == session_id]
+            for k in mine[: max(0, len(mine) - self.per_session + 1)]:  # oldest first
+                self._drop(k)
         self.entries[key] = _Entry(state, length, scope, session_id, nbytes)
         self.bytes += nbytes
         while self.bytes > self.max_bytes:

@@ -12,7 +12,7 @@ const ui = {
   attachmentName: $("attachment-name"), removeImage: $("remove-image"),
   temperature: $("temperature"), maxTokens: $("max-tokens"),
 };
-const KEY = "vlmamba.apiKey"; // sessionStorage: the key lives as long as the tab, never on disk
+const KEY = "vlmamba.apiKey"; // in sessionStorage: the key lives as long as the tab, never on disk
 
 let messages = [];            // this conversation's OpenAI messages, resent in full every turn
 let sessionId = newSessionId();
@@ -29,17 +29,12 @@ function newSessionId() {
 }
 
 function headers() {
-  const h = { "Content-Type": "application/json" };
   const key = sessionStorage.getItem(KEY);
-  if (key) h.Authorization = "Bearer " + key;
-  return h;
+  return { "Content-Type": "application/json", ...(key && { Authorization: "Bearer " + key }) };
 }
 
 // ---- errors, in plain words -------------------------------------------------------------
-
-class PageError extends Error {
-  constructor(message, status = 0) { super(message); this.status = status; }
-}
+class PageError extends Error { constructor(message, status = 0) { super(message); this.status = status; } }
 
 // The server's errors look like {"error": {"message", "type", "param", "code"}} (OpenAI's shape).
 async function responseError(resp) {
@@ -48,7 +43,7 @@ async function responseError(resp) {
   const s = resp.status;
   if (s === 401) {
     return new PageError(sessionStorage.getItem(KEY)
-      ? "The server did not accept this API key. Please enter the right one."
+      ? "The server did not accept this API key. Please enter the right one below."
       : "This server needs an API key. Please enter it below.", 401);
   }
   if (s === 413) return new PageError("The request is too large for the server; try a smaller image.", s);
@@ -66,31 +61,28 @@ function networkError(err, connected) {
     : `Could not reach the server at ${location.origin}. Is "vlmamba serve" still running?`);
 }
 
-function showError(err) {
-  ui.error.textContent = err.message;
-  ui.error.hidden = false;
-  if (err.status === 401) askForKey();
+function showError(err) { // null clears it
+  ui.error.textContent = err ? err.message : "";
+  ui.error.hidden = !err;
+  if (err?.status === 401) askForKey();
 }
 
-function clearError() { ui.error.hidden = true; ui.error.textContent = ""; }
-
 function askForKey() {
-  ui.keyForm.hidden = false;
+  ui.keyForm.hidden = ui.keyButton.hidden = false; // from now on the header offers to change the key
   ui.key.value = sessionStorage.getItem(KEY) || "";
   ui.key.focus();
 }
 
 // ---- model name and API key --------------------------------------------------------------
-
 async function loadModel() {
   try {
     const resp = await fetch("/v1/models", { headers: headers() });
     if (!resp.ok) throw await responseError(resp);
     modelName = (await resp.json()).data?.[0]?.id || "";
     ui.model.textContent = modelName || "unnamed model";
-    document.title = `${modelName} · vlmamba chat`;
-    clearError();
+    document.title = `${ui.model.textContent} · vlmamba chat`;
     ui.keyForm.hidden = true;
+    showError(null);
     return true;
   } catch (err) {
     ui.model.textContent = "not connected";
@@ -105,13 +97,13 @@ ui.keyForm.addEventListener("submit", async (e) => {
   // /v1/models needs the same key as chat, so it doubles as the check that the key works.
   if (await loadModel() && retryAfterKey) { retryAfterKey = false; ui.composer.requestSubmit(); }
 });
-ui.keyButton.addEventListener("click", () => { ui.keyForm.hidden ? askForKey() : (ui.keyForm.hidden = true); });
+ui.keyButton.addEventListener("click", () => (ui.keyForm.hidden ? askForKey() : (ui.keyForm.hidden = true)));
 
 // ---- the image: picked, dropped, pasted or given by URL ----------------------------------
-
 function setImage(url, name) {
   image = url ? { url, name } : null;
   ui.attachment.hidden = !image;
+  ui.preview.hidden = false;
   ui.preview.src = image ? url : "";
   ui.preview.alt = image ? `Attached image: ${name}` : "";
   ui.attachmentName.textContent = image ? name : "";
@@ -122,13 +114,14 @@ function attachFile(file) {
   if (!file) return;
   if (!file.type.startsWith("image/")) { showError(new PageError(`"${file.name}" is not an image file.`)); return; }
   const reader = new FileReader();
-  reader.onload = () => { clearError(); setImage(reader.result, file.name); };
+  reader.onload = () => { showError(null); setImage(reader.result, file.name); };
   reader.onerror = () => showError(new PageError(`Could not read the file "${file.name}".`));
   reader.readAsDataURL(file);
 }
 
 ui.file.addEventListener("change", () => { attachFile(ui.file.files[0]); ui.file.value = ""; });
 ui.url.addEventListener("change", () => { const u = ui.url.value.trim(); if (u) { setImage(u, u); ui.url.value = ""; } });
+ui.preview.addEventListener("error", () => { if (image) ui.preview.hidden = true; }); // the server may still read it
 ui.removeImage.addEventListener("click", () => setImage(null));
 // Dropping a file anywhere would otherwise make the browser navigate away to it.
 document.addEventListener("dragover", (e) => { e.preventDefault(); document.body.classList.add("dragging"); });
@@ -136,9 +129,8 @@ document.addEventListener("dragleave", (e) => { if (!e.relatedTarget) document.b
 document.addEventListener("drop", (e) => {
   e.preventDefault();
   document.body.classList.remove("dragging");
-  const file = e.dataTransfer.files[0];
   const url = e.dataTransfer.getData("text/uri-list").split("\n")[0].trim(); // an image dragged from a web page
-  if (file) attachFile(file); else if (url) setImage(url, url);
+  if (e.dataTransfer.files[0]) attachFile(e.dataTransfer.files[0]); else if (url) setImage(url, url);
 });
 document.addEventListener("paste", (e) => {
   const file = Array.from(e.clipboardData.files).find((f) => f.type.startsWith("image/"));
@@ -146,33 +138,28 @@ document.addEventListener("paste", (e) => {
 });
 
 // ---- the transcript ----------------------------------------------------------------------
-
-function node(tag, cls, text) {
+function node(tag, cls, text = "") {
   const n = document.createElement(tag);
-  if (cls) n.className = cls;
-  if (text) n.textContent = text; // always textContent: questions and answers are never parsed as HTML
+  n.className = cls;
+  n.textContent = text; // always textContent: questions and answers are never parsed as HTML
   return n;
 }
 
 function addTurn(text, img) {
-  const turn = node("article", "turn");
-  const user = node("div", "msg user");
+  const turn = node("article", "turn"), user = node("div", "msg user");
   user.append(node("span", "visually-hidden", "You asked:"));
   if (img) {
-    const thumb = node("img", "thumb");
-    thumb.alt = `Attached image: ${img.name}`;
+    const thumb = Object.assign(node("img", "thumb"), { alt: `Attached image: ${img.name}` });
     // Tiny images (like the demo's 64x64 shapes) look best scaled up with crisp pixels.
     thumb.onload = () => thumb.classList.toggle("pixelated", thumb.naturalWidth < 160);
     thumb.src = img.url;
     user.append(thumb);
   }
   user.append(node("p", "text", text));
-  const bot = node("div", "msg assistant");
+  const bot = node("div", "msg assistant"), answer = node("p", "text answer"), meta = node("p", "meta");
   bot.setAttribute("aria-busy", "true");
   bot.dataset.state = "streaming";
-  const answer = node("p", "text answer");
   answer.dataset.chunks = "0";
-  const meta = node("p", "meta");
   bot.append(node("span", "visually-hidden", "Answer:"), answer, meta);
   turn.append(user, bot);
   ui.empty.hidden = true;
@@ -182,12 +169,7 @@ function addTurn(text, img) {
 }
 
 function scrollDown() { ui.scroller.scrollTop = ui.scroller.scrollHeight; }
-
-function chip(meta, text, title, cls = "") {
-  const c = node("span", "chip " + cls, text);
-  c.title = title;
-  meta.append(c);
-}
+function chip(meta, text, title, cls = "") { meta.append(Object.assign(node("span", "chip " + cls, text), { title })); }
 
 // The numbers a newcomer wants to see: how fast the first token came, and how much of the prompt
 // the server did not recompute because it resumed this conversation's saved state.
@@ -211,7 +193,6 @@ function finishTurn(t, usage, ttftMs, stopped) {
 }
 
 // ---- sending a question and streaming the answer -----------------------------------------
-
 // Server-sent events read from fetch() (EventSource cannot POST or send an Authorization header).
 // Like OpenAI, the server sends one `data: {json}` line per event and ends with `data: [DONE]`.
 async function* sseEvents(resp) {
@@ -232,23 +213,19 @@ async function* sseEvents(resp) {
   }
 }
 
-function numberOr(input, fallback) {
-  const v = input.valueAsNumber;
-  return Number.isFinite(v) ? v : fallback;
-}
+const numberOr = (input, fallback) => (Number.isFinite(input.valueAsNumber) ? input.valueAsNumber : fallback);
 
 async function send() {
-  const text = ui.question.value.trim();
   if (ui.url.value.trim()) ui.url.dispatchEvent(new Event("change")); // a URL typed but not yet applied
+  const text = ui.question.value.trim();
   if (!text) { showError(new PageError("Please type a question first.")); ui.question.focus(); return; }
   if (inflight) return;
-  clearError();
-  const sent = { text, image };
-  const content = image ? [{ type: "image_url", image_url: { url: image.url } }, { type: "text", text }] : text;
-  const convo = messages;
-  convo.push({ role: "user", content });
+  showError(null);
+  const sent = { text, image }, convo = messages;
+  convo.push({ role: "user", content: image ? [{ type: "image_url", image_url: { url: image.url } },
+    { type: "text", text }] : text });
   const t = addTurn(text, image);
-  ui.question.value = "";
+  setQuestion("");
   setImage(null);
   const ctl = inflight = new AbortController();
   setBusy(true);
@@ -269,9 +246,8 @@ async function send() {
       if (event.error) throw new PageError("The server failed while answering: " + event.error.message, 500);
       const delta = event.choices?.[0]?.delta?.content;
       if (delta) {
-        if (ttftMs === null) ttftMs = performance.now() - t0;
-        answer += delta;
-        t.answer.textContent = answer;
+        ttftMs ??= performance.now() - t0;
+        t.answer.textContent = answer += delta;
         t.answer.dataset.chunks = String(++chunks);
         scrollDown();
       }
@@ -290,7 +266,7 @@ async function send() {
     convo.pop();
     t.turn.remove();
     ui.empty.hidden = ui.transcript.querySelector(".turn") !== null;
-    ui.question.value = sent.text;
+    setQuestion(sent.text);
     setImage(sent.image?.url, sent.image?.name);
     if (!ctl.signal.aborted) {
       retryAfterKey = err.status === 401;
@@ -301,21 +277,21 @@ async function send() {
   }
 }
 
-function setBusy(busy) {
-  ui.send.hidden = busy;
-  ui.stop.hidden = !busy;
-  if (!busy) ui.question.focus();
+function setBusy(busy) { ui.send.hidden = busy; ui.stop.hidden = !busy; if (!busy) ui.question.focus(); }
+
+function setQuestion(text) { // and grow the box with the text, up to the CSS max-height
+  const q = ui.question;
+  if (text !== undefined) q.value = text;
+  q.style.height = "auto";
+  q.style.height = q.scrollHeight + q.offsetHeight - q.clientHeight + "px";
 }
 
 ui.composer.addEventListener("submit", (e) => { e.preventDefault(); send(); });
 ui.stop.addEventListener("click", () => inflight?.abort("stopped"));
+ui.question.addEventListener("input", () => setQuestion());
 ui.question.addEventListener("keydown", (e) => {
   // Enter sends; Shift+Enter is a new line; keys composing a character (IME) are left alone.
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); ui.composer.requestSubmit(); }
-});
-ui.question.addEventListener("input", () => { // grow with the text, up to the CSS max-height
-  ui.question.style.height = "auto";
-  ui.question.style.height = ui.question.scrollHeight + "px";
 });
 
 ui.newChat.addEventListener("click", () => {
@@ -326,9 +302,10 @@ ui.newChat.addEventListener("click", () => {
   sessionId = newSessionId();
   ui.transcript.querySelectorAll(".turn").forEach((t) => t.remove());
   ui.empty.hidden = false;
-  ui.question.value = "";
+  setQuestion("");
   setImage(null);
-  clearError();
+  showError(null);
 });
 
+ui.keyButton.hidden = !sessionStorage.getItem(KEY); // only servers that asked for a key show the button
 loadModel();

@@ -34,8 +34,9 @@ schema = schemathesis.pytest.from_fixture("fuzz_schema")
 seen = {"cases": 0}
 
 
+# Up to 700 cases per operation: over 1 000 requests in all.
 @schema.parametrize()
-@settings(max_examples=700,  # up to 700 per operation: over 1 000 requests in all deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=700, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_no_server_errors(case, fuzz_server):
     body = case.body if isinstance(case.body, dict) else {}
     if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 8:

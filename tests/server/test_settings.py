@@ -18,3 +18,10 @@ def test_every_setting_has_a_flag_with_help():
     help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
     for name in ServerSettings.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in help_text and f"VLMAMBA_{name.upper()}" in help_text
+
+
+def test_chat_page_can_be_turned_off():
+    from server.app import create_app
+
+    paths = lambda s: {getattr(r, "path", None) for r in create_app(s).routes}
+    assert "/" in paths(ServerSettings()) and "/" not in paths(ServerSettings(no_webui=True))

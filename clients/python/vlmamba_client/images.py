@@ -13,9 +13,12 @@ import mimetypes
 import os
 import sys
 from pathlib import Path
-from typing import Any, BinaryIO, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
-ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Any]
+if TYPE_CHECKING:  # for type checkers only: Pillow stays optional at run time
+    from PIL.Image import Image as PILImage
+
+ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, "PILImage"]
 
 # Magic numbers of the formats the server decodes (PNG, JPEG, GIF, WEBP, BMP).
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
