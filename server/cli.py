@@ -241,8 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     from server.bench import add_bench_parser
+    from server.evaluation import add_eval_parser
 
     add_bench_parser(sub)
+    add_eval_parser(sub)
 
     sub.add_parser("shapes-export", add_help=False, help="write a Shapes-VQA split in LLaVA format (see --help)")
     return p
