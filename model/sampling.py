@@ -33,10 +33,11 @@ class SamplingParams:
             (self.max_tokens >= 1, "max_tokens", "must be at least 1"),
             (0.0 <= self.temperature <= 2.0, "temperature", "must be between 0 and 2"),
             (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
-            (self.top_k >= 0 or self.top_k == -1, "top_k", "must be >= 0 (or -1 for off)"),
+            (-1 <= self.top_k < 2**31, "top_k", "must be >= 0 (or -1 for off)"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be between -2 and 2"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be between -2 and 2"),
             (all(s for s in self.stop), "stop", "stop strings must be non-empty"),
+            (self.seed is None or -(2**63) <= self.seed < 2**63, "seed", "must fit in 64 bits"),
         ]
         for ok, name, msg in checks:
             if not ok:
