@@ -89,7 +89,7 @@ def _image_input(kind: str, sample, index: int, images: ImageServer, tmp_path: P
             "http_url": f"{images.url}/s{index}.png", "data_url": data_url(path.read_bytes())}[kind]
 
 
-@pytest.mark.parametrize("index,kind", enumerate(["path", "str_path", "bytes", "pil", "http_url", "data_url"]))
+@pytest.mark.parametrize("index,kind", list(enumerate(["path", "str_path", "bytes", "pil", "http_url", "data_url"])))
 def test_every_image_kind_gets_the_expected_answer(client, samples, images, tmp_path, index, kind):
     s = samples[index]
     q = qa(s, "describe")
