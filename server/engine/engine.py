@@ -172,6 +172,7 @@ class Engine:
     def _restore(self, req: EngineRequest) -> None:
         """Load the longest cached prefix (leaving at least one token to prefill) into the slot."""
         hashes = prefix_hashes(req.scope, self._cache_items(req))
+        req.prompt_key = hashes[-1]
         hit = self.cache.lookup(req.scope, hashes, len(req.prompt_ids) - 1)
         if hit is None:
             req.cached_tokens = 0
@@ -191,8 +192,7 @@ class Engine:
         slots = torch.tensor([r.slot for r in reqs], device=self.device)
         logits = self.model(ids.to(self.device), pix, state=self.state, slots=slots, lengths=lengths, last_only=True)
         for r in reqs:  # the prompt's end: a resume point even if the reply does not re-tokenize the same
-            self.cache.store(r.scope, r.session_id, prefix_hashes(r.scope, self._cache_items(r))[-1],
-                             len(r.prompt_ids), self.state.read(r.slot))
+            self.cache.store(r.scope, r.session_id, r.prompt_key, len(r.prompt_ids), self.state.read(r.slot))
         self._emit(reqs, logits)
 
     def _suffix_images(self, reqs: list[EngineRequest]) -> list[torch.Tensor]:
@@ -235,8 +235,8 @@ class Engine:
     def _finish(self, req: EngineRequest, text: str, now: float) -> None:
         dec = req.decoder
         covered = len(req.prompt_ids) + len(dec.token_ids) - 1  # the last sampled token was never fed
-        items = self._cache_items(req) + dec.token_ids[:-1]
-        self.cache.store(req.scope, req.session_id, prefix_hashes(req.scope, items)[-1], covered,
+        key = ([req.prompt_key] + prefix_hashes(req.scope, dec.token_ids[:-1], req.prompt_key))[-1]
+        self.cache.store(req.scope, req.session_id, key, covered,
                          self.state.read(req.slot))
         out = EngineOutput(req.request_id, text, [dec.token_ids[-1]], True, dec.finish_reason, len(req.prompt_ids),
                            len(dec.token_ids), req.cached_tokens)

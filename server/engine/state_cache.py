@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 
 
-def prefix_hashes(scope: str, items: list) -> list[bytes]:
-    """hashes[i] identifies (scope, items[:i + 1])."""
-    h = hashlib.blake2b(scope.encode(), digest_size=16).digest()
+def prefix_hashes(scope: str, items: list, start: bytes | None = None) -> list[bytes]:
+    """hashes[i] identifies (scope, items[:i + 1]); with ``start`` (an earlier hash of this
+    chain) the items continue that prefix, so a longer sequence never rehashes its head."""
+    h = start if start is not None else hashlib.blake2b(scope.encode(), digest_size=16).digest()
     out = []
     for it in items:
         h = hashlib.blake2b(h + str(it).encode(), digest_size=16).digest()

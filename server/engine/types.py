@@ -31,6 +31,7 @@ class EngineOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    prompt_key: bytes | None = None  # cache key of the whole prompt, computed once at admission
     error: str | None = None
 
 

@@ -38,3 +38,8 @@ def test_images_with_identical_placeholders_get_different_items():
     a = prompt_items([5, 9, 9, 9, 9, 6], 9, ["imgA"], 4)
     b = prompt_items([5, 9, 9, 9, 9, 6], 9, ["imgB"], 4)
     assert a[0] == b[0] and a[1:5] != b[1:5] and prefix_hashes("", a)[-1] != prefix_hashes("", b)[-1]
+
+
+def test_a_chain_continues_from_an_earlier_hash():
+    whole = prefix_hashes("s", [1, 2, 3, 4, 5])
+    assert prefix_hashes("s", [4, 5], start=whole[2]) == whole[3:]
