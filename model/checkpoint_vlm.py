@@ -25,9 +25,12 @@ def load_config(path: str | Path) -> VLMambaConfig:
 
 def load_vlmamba(path: str | Path, device="cpu", dtype: torch.dtype | None = None, backend: str = "auto"):
     """Returns ``(model, processor)`` for a checkpoint directory."""
+    from model.cobra import is_cobra_checkpoint, load_cobra
     from model.processor import VLMambaProcessor
     from model.vlmamba import VLMamba
 
+    if is_cobra_checkpoint(path):  # a Cobra run directory as distributed (docs/cobra.md)
+        return load_cobra(path, device=device, dtype=dtype, backend=backend)
     config = load_config(path)
     sd = load_state_dict(path)
     llm = {k[4:]: v for k, v in sd.items() if k.startswith("llm.")}

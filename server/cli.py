@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="answer one prompt about zero or more images",
                        description="Load a checkpoint, ask one question about the given images and stream the answer.")
-    g.add_argument("--checkpoint", help="VL-Mamba checkpoint directory (default: the bundled demo model)")
+    g.add_argument("--checkpoint", help="VL-Mamba checkpoint or Cobra run directory (docs/cobra.md); "
+                                         "default: the bundled demo model")
     g.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
     g.add_argument("--prompt", required=True, help="the question or instruction")
     g.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")

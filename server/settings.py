@@ -17,7 +17,8 @@ def _opt(default, help: str, **kw):
 
 @dataclass
 class ServerSettings:
-    checkpoint: str | None = _opt(None, "checkpoint directory (default: the bundled demo model)")
+    checkpoint: str | None = _opt(None, "VL-Mamba checkpoint or Cobra run directory (docs/cobra.md); default: "
+                                          "the bundled demo model")
     host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 for all interfaces)")
     port: int = _opt(8000, "port to listen on")
     device: str = _opt("auto", "cpu, cuda, cuda:1 ... (auto: cuda if available)")
