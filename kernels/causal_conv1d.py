@@ -21,42 +21,74 @@ def _act(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     return F.silu(y) if activation else y
 
 
-def causal_conv1d_ref(x, weight, bias=None, activation=None, initial_state=None):
+def causal_conv1d_ref(x, weight, bias=None, activation=None, initial_state=None, lengths=None,
+                      conv_state=None, state_indices=None):
     """Reference causal depthwise conv1d over a sequence, fp32 accumulation.
 
     x: (b, d, l); weight: (d, w); bias: (d,) or None; activation: None | "silu" | "swish";
-    initial_state: (b, d, w - 1) inputs before x (None: zeros).
-    Returns y: (b, d, l) in x.dtype and conv_state: (b, d, w - 1) in x.dtype, the last w - 1
-    inputs of [initial_state, x].
+    initial_state: (b, d, w - 1) inputs before x (None: zeros); lengths: (b,) or None — the
+    valid steps of right-padded rows (the new state ends at each row's length);
+    conv_state: (p, d, w - 1) pool with state_indices (b,): start from those rows and write
+    the new states back into them in place (instead of initial_state).
+    Returns y: (b, d, l) in x.dtype and the new state: (b, d, w - 1) in x.dtype, the last
+    w - 1 inputs of [initial_state, x[:length]] — or None for it when ``conv_state`` is given.
     """
     b, d, l = x.shape
     w = weight.shape[-1]
     assert weight.shape == (d, w), weight.shape
+    if conv_state is not None:
+        assert initial_state is None and state_indices is not None and state_indices.shape == (b,)
+        initial_state = conv_state[state_indices]
     if initial_state is None:
         initial_state = x.new_zeros(b, d, w - 1)
     assert initial_state.shape == (b, d, w - 1), initial_state.shape
     xs = torch.cat([initial_state.to(x.dtype), x], dim=-1)  # (b, d, w - 1 + l)
     y = F.conv1d(xs.float(), weight.float()[:, None, :], None if bias is None else bias.float(), groups=d)
-    return _act(y, activation).to(x.dtype), xs[:, :, xs.shape[-1] - (w - 1):].clone()
+    new = _state_at(xs, lengths if lengths is not None else torch.full((b,), l, device=x.device), w)
+    if conv_state is not None:
+        conv_state[state_indices] = new.to(conv_state.dtype)
+        return _act(y, activation).to(x.dtype), None
+    return _act(y, activation).to(x.dtype), new
 
 
-def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, backend: str = "auto"):
+def _state_at(xs: torch.Tensor, lengths: torch.Tensor, w: int) -> torch.Tensor:
+    """The w - 1 inputs ending at each row's length. xs: (b, d, w - 1 + l) -> (b, d, w - 1)."""
+    b, d, _ = xs.shape
+    idx = lengths.to(xs.device)[:, None] + torch.arange(w - 1, device=xs.device)[None, :]  # (b, w - 1)
+    return xs.gather(2, idx[:, None, :].expand(b, d, w - 1))
+
+
+def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, lengths=None, conv_state=None,
+                  state_indices=None, backend: str = "auto"):
     """Causal depthwise conv1d; same contract as :func:`causal_conv1d_ref`."""
     chosen = resolve_backend(backend, "causal_conv1d", x.device, "causal_conv1d", _triton_ops())
     if chosen == "cuda":
-        fn = peer_module("causal_conv1d").causal_conv1d_fn
-        if initial_state is not None:
-            # causal-conv1d takes initial states only with channel-last x.
-            x = x.transpose(1, 2).contiguous().transpose(1, 2)
-            initial_state = initial_state.transpose(1, 2).contiguous().transpose(1, 2)
-        y, state = fn(x, weight, bias, initial_states=initial_state, return_final_states=True,
-                      activation=activation)
-        return y, state
+        return _conv_cuda(x, weight, bias, activation, initial_state, lengths, conv_state, state_indices)
     if chosen == "triton":
         from kernels.triton import causal_conv1d_triton
 
-        return causal_conv1d_triton(x, weight, bias, activation, initial_state)
-    return causal_conv1d_ref(x, weight, bias, activation, initial_state)
+        return causal_conv1d_triton(x, weight, bias, activation, initial_state, lengths, conv_state, state_indices)
+    return causal_conv1d_ref(x, weight, bias, activation, initial_state, lengths, conv_state, state_indices)
+
+
+def _conv_cuda(x, weight, bias, activation, initial_state, lengths, conv_state, state_indices):
+    """causal-conv1d's kernel; pool rows and ragged lengths are handled around it."""
+    fn = peer_module("causal_conv1d").causal_conv1d_fn
+    if conv_state is not None:
+        initial_state = conv_state[state_indices]
+    if initial_state is not None:
+        # causal-conv1d takes initial states only with channel-last x.
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        initial_state = initial_state.transpose(1, 2).contiguous().transpose(1, 2)
+    y, new = fn(x, weight, bias, initial_states=initial_state, return_final_states=True, activation=activation)
+    if lengths is not None:
+        w = weight.shape[-1]
+        init = initial_state if initial_state is not None else x.new_zeros(x.shape[0], x.shape[1], w - 1)
+        new = _state_at(torch.cat([init.to(x.dtype), x], dim=-1), lengths, w)
+    if conv_state is not None:
+        conv_state[state_indices] = new.to(conv_state.dtype)
+        return y, None
+    return y, new
 
 
 def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None, state_indices=None):

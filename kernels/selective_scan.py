@@ -29,24 +29,33 @@ def _triton_ops() -> frozenset[str]:
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       initial_state=None):
+                       initial_state=None, lengths=None, state=None, state_indices=None):
     """Reference selective scan over a whole sequence, fp32 accumulation.
 
     u: (b, d, l) any float dtype; delta: (b, d, l); A: (d, n); B, C: (b, n, l);
     D: (d,) or None; z: (b, d, l) or None (gate y * silu(z)); delta_bias: (d,) or None;
-    initial_state: (b, d, n) or None (zeros).
-    Returns y: (b, d, l) in u.dtype and last_state: (b, d, n) float32.
+    initial_state: (b, d, n) or None (zeros); lengths: (b,) or None — right-padded rows:
+    steps at t >= lengths[i] get delta 0, so the state passes through them unchanged (y there
+    is not meaningful); state: (p, d, n) float32 pool with state_indices (b,): start from
+    those rows and write the final states back into them in place (instead of initial_state).
+    Returns y: (b, d, l) in u.dtype and last_state: (b, d, n) float32, or None for it when
+    ``state`` is given.
     """
     b, d, l = u.shape
     n = A.shape[-1]
     assert delta.shape == (b, d, l) and A.shape == (d, n), (delta.shape, A.shape)
     assert B.shape == (b, n, l) and C.shape == (b, n, l), (B.shape, C.shape)
+    if state is not None:
+        assert initial_state is None and state_indices is not None and state_indices.shape == (b,)
+        initial_state = state[state_indices]
     dtype_in = u.dtype
     u, delta, A, B, C = (t.float() for t in (u, delta, A, B, C))
     if delta_bias is not None:
         delta = delta + delta_bias.float()[None, :, None]
     if delta_softplus:
         delta = F.softplus(delta)
+    if lengths is not None:
+        delta = delta * _valid(lengths, l)[:, None, :]
     # Time-major and contiguous: each step's slice is one block, and unbind keeps autograd O(l), not O(l^2).
     dt, uT = delta.permute(2, 0, 1).contiguous(), u.permute(2, 0, 1)  # (l, b, d)
     BT, CT = B.permute(2, 0, 1).contiguous(), C.permute(2, 0, 1).contiguous()  # (l, b, n)
@@ -64,34 +73,48 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         y = y + u * D.float()[None, :, None]
     if z is not None:
         y = y * F.silu(z.float())
+    if state is not None:
+        state[state_indices] = h
+        return y.to(dtype_in), None
     return y.to(dtype_in), h
 
 
-def _scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
-    if initial_state is not None:
+def _valid(lengths: torch.Tensor, l: int) -> torch.Tensor:
+    """(b, l) float: 1 where t < lengths[i]."""
+    return (torch.arange(l, device=lengths.device)[None, :] < lengths[:, None]).float()
+
+
+def _scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, lengths, state):
+    if initial_state is not None or state is not None:
         # mamba-ssm's Mamba-1 scan has no initial-state input; never pretend it does.
         from kernels._backend import BackendUnavailable
 
         raise BackendUnavailable("selective_scan: backend 'cuda' (mamba-ssm) cannot start from an initial_state")
     fn = peer_module("mamba_ssm.ops.selective_scan_interface").selective_scan_fn
+    if lengths is not None:  # mamba-ssm has no lengths: apply bias, softplus and the mask here
+        delta = delta.float() + (0 if delta_bias is None else delta_bias.float()[None, :, None])
+        delta = (F.softplus(delta) if delta_softplus else delta) * _valid(lengths, u.shape[-1])[:, None, :]
+        delta_bias, delta_softplus = None, False
     y, last = fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
     return y, last.float()
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, backend: str = "auto"):
+                   initial_state=None, lengths=None, state=None, state_indices=None, backend: str = "auto"):
     """Selective scan over a whole sequence; same contract as :func:`selective_scan_ref`.
 
-    Returns ``(y, last_state)``: y (b, d, l) in u.dtype, last_state (b, d, n) float32.
+    Returns ``(y, last_state)``: y (b, d, l) in u.dtype, last_state (b, d, n) float32
+    (None when ``state``/``state_indices`` name pool rows: the final states are written there).
     """
     chosen = resolve_backend(backend, "selective_scan", u.device, "mamba_ssm", _triton_ops())
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, lengths, state)
     if chosen == "cuda":
-        return _scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+        return _scan_cuda(*args)
     if chosen == "triton":
         from kernels.triton import selective_scan_triton
 
-        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
-    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+        return selective_scan_triton(*args, state_indices)
+    return selective_scan_ref(*args, state_indices)
 
 
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,

@@ -23,21 +23,41 @@ def load_config(path: str | Path) -> VLMambaConfig:
     return VLMambaConfig.from_dict(read_json(Path(path) / "config.json"))
 
 
-def load_vlmamba(path: str | Path, device="cpu", dtype: torch.dtype | None = None, backend: str = "auto"):
-    """Returns ``(model, processor)`` for a checkpoint directory."""
+def load_vlmamba(path: str | Path, device="cpu", dtype: torch.dtype | None = None, backend: str = "auto",
+                 random_weights: bool = False):
+    """Returns ``(model, processor)`` for a checkpoint directory.
+
+    With ``random_weights`` only config.json and the processor files are read, and the model
+    is initialised randomly (seed 0) at that shape: benchmarks of a real model's size without
+    its weights (e.g. ``model/configs/vlmamba-2.8b-so400m``).
+    """
     from model.cobra import is_cobra_checkpoint, load_cobra
     from model.processor import VLMambaProcessor
     from model.vlmamba import VLMamba
 
     if is_cobra_checkpoint(path):  # a Cobra run directory as distributed (docs/cobra.md)
+        if random_weights:
+            raise ValueError("random weights are for VL-Mamba config directories, not Cobra checkpoints")
         return load_cobra(path, device=device, dtype=dtype, backend=backend)
     config = load_config(path)
+    if random_weights:
+        return _random_vlmamba(config, device, dtype, backend), VLMambaProcessor.from_pretrained(path, config)
     sd = load_state_dict(path)
     llm = {k[4:]: v for k, v in sd.items() if k.startswith("llm.")}
     sd = {k: v for k, v in sd.items() if not k.startswith("llm.")}
     sd.update({"llm." + k: v for k, v in lm_state_dict_for_load(llm, config.llm).items()})
     model = assign_weights(lambda: VLMamba(config, backend), sd, device, dtype)
     return model, VLMambaProcessor.from_pretrained(path, config)
+
+
+def _random_vlmamba(config: VLMambaConfig, device, dtype, backend):
+    from model.vlmamba import VLMamba
+
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise in place on the target device: no CPU copy of a 3 B model
+        model = VLMamba(config, backend, dtype=dtype).init_weights(0)
+    log.info("initialised random weights at the shape of %s", config.llm)
+    return model.eval()
 
 
 def save_vlmamba(model, path: str | Path, processor=None) -> None:

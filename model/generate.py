@@ -75,9 +75,12 @@ def pick_tokens(logits: torch.Tensor, decoders: list[SequenceDecoder], mask: tor
         logits = logits.masked_fill(mask, float("-inf"))
     dev = logits.device
     ps = [d.params for d in decoders]
-    pres = torch.tensor([p.presence_penalty for p in ps], device=dev)
-    freq = torch.tensor([p.frequency_penalty for p in ps], device=dev)
-    if bool((pres != 0).any() or (freq != 0).any()):
+    penalised = any(p.presence_penalty or p.frequency_penalty for p in ps)
+    if not penalised and all(p.temperature == 0 for p in ps):
+        return logits.argmax(-1)  # decided on the host: no device sync before the token read
+    if penalised:
+        pres = torch.tensor([p.presence_penalty for p in ps], device=dev)
+        freq = torch.tensor([p.frequency_penalty for p in ps], device=dev)
         counts = torch.zeros_like(logits)
         for i, d in enumerate(decoders):
             if d.token_ids:

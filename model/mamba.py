@@ -63,27 +63,19 @@ class MambaMixer(nn.Module):
         ``lengths`` (b,) marks right-padded rows: past a row's length delta is 0, so its state
         passes through the padding unchanged, and its conv state is taken at its length.
         """
-        b, l, _ = hidden.shape
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (b, d, l) each
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (b, d, l) each, channel-last memory
         conv_w, conv_b = self.conv1d.weight[:, 0, :], self.conv1d.bias
-        conv0 = ssm0 = None
+        conv_pool = ssm_pool = None
         if state is not None:
             conv_pool, ssm_pool = state.layer(self.layer_idx)
-            conv0, ssm0 = conv_pool[slots], ssm_pool[slots]
-        xc, conv_last = causal_conv1d(x, conv_w, conv_b, "silu", initial_state=conv0, backend=self.backend)
+        # With a pool, both kernels start from the slots' rows and write the final states back.
+        xc, _ = causal_conv1d(x, conv_w, conv_b, "silu", lengths=lengths, conv_state=conv_pool,
+                              state_indices=slots, backend=self.backend)
         dt, B, C = self._ssm_params(xc.transpose(1, 2))  # (b, l, d), (b, l, n), (b, l, n)
         A = -torch.exp(self.A_log.float())  # (d, n)
-        dt, bias, softplus = dt.transpose(1, 2), self.dt_proj.bias.float(), True
-        if lengths is not None:
-            valid = torch.arange(l, device=x.device)[None, :] < lengths[:, None]  # (b, l)
-            dt = F.softplus(dt.float() + bias[None, :, None]) * valid[:, None, :]
-            bias, softplus = None, False
-            conv_last = _conv_state_at(x, conv0, lengths, self.d_conv)
-        y, ssm_last = selective_scan(xc, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z, bias,
-                                     softplus, initial_state=ssm0, backend=self.backend)
-        if state is not None:
-            conv_pool[slots] = conv_last.to(conv_pool.dtype)
-            ssm_pool[slots] = ssm_last
+        y, _ = selective_scan(xc, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z,
+                              self.dt_proj.bias.float(), True, lengths=lengths, state=ssm_pool, state_indices=slots,
+                              backend=self.backend)
         return self.out_proj(y.transpose(1, 2))
 
     def step(self, hidden: torch.Tensor, state: InferenceState, slots: torch.Tensor) -> torch.Tensor:
@@ -97,16 +89,6 @@ class MambaMixer(nn.Module):
         y = selective_state_update(ssm_pool, x, dt, A, B, C, self.D.float(), z, self.dt_proj.bias, True,
                                    state_indices=slots, backend=self.backend)
         return self.out_proj(y)
-
-
-def _conv_state_at(x: torch.Tensor, conv0: torch.Tensor | None, lengths: torch.Tensor, w: int) -> torch.Tensor:
-    """The last w - 1 conv inputs of each row ending at its length. x: (b, d, l) -> (b, d, w - 1)."""
-    b, d, _ = x.shape
-    if conv0 is None:
-        conv0 = x.new_zeros(b, d, w - 1)
-    xs = torch.cat([conv0.to(x.dtype), x], dim=-1)  # (b, d, w - 1 + l)
-    idx = lengths[:, None] + torch.arange(w - 1, device=x.device)[None, :]  # (b, w - 1)
-    return xs.gather(2, idx[:, None, :].expand(b, d, w - 1))
 
 
 class Block(nn.Module):

@@ -31,7 +31,8 @@ def load_model(settings: ServerSettings):
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[settings.dtype]
     path = Path(settings.checkpoint or DEMO_CHECKPOINT)
-    model, proc = load_vlmamba(path, device=device, dtype=dtype, backend=settings.backend)
+    model, proc = load_vlmamba(path, device=device, dtype=dtype, backend=settings.backend,
+                               random_weights=settings.random_weights)
     return model, proc, settings.served_model_name or path.name
 
 
@@ -112,7 +113,8 @@ def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         model, proc, name = loaded or load_model(settings)
         metrics = Metrics()
-        cfg = EngineConfig(settings.max_num_seqs, settings.max_prefill_seqs, int(settings.state_cache_gb * 2**30))
+        cfg = EngineConfig(settings.max_num_seqs, settings.max_prefill_seqs, int(settings.state_cache_gb * 2**30),
+                           cuda_graphs=not settings.no_cuda_graphs)
         engine = Engine(model, proc, cfg, metrics)
         metrics.attach(engine)
         limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,

@@ -44,6 +44,9 @@ class ServerSettings:
     default_max_tokens: int = _opt(512, "completion length when the request sets none")
     grace_period: float = _opt(30.0, "seconds running streams may finish after SIGTERM")
     no_webui: bool = _opt(False, "do not serve the chat page at /")
+    random_weights: bool = _opt(False, "ignore the checkpoint's weights and initialise randomly from its "
+                                       "config.json (benchmarks at a real model's shape without its weights)")
+    no_cuda_graphs: bool = _opt(False, "run decode steps eagerly on GPU instead of replaying CUDA graphs")
 
     @property
     def api_keys(self) -> list[str]:

@@ -4,8 +4,11 @@
 ``backend="triton"``. On a CPU they run under ``TRITON_INTERPRET=1`` (tests do that).
 """
 
+from kernels.triton.causal_conv1d import causal_conv1d_triton, causal_conv1d_update_triton
+from kernels.triton.selective_scan import selective_scan_triton
 from kernels.triton.selective_state_update import selective_state_update_triton
 
-OPS = frozenset({"selective_state_update"})
+OPS = frozenset({"selective_scan", "selective_state_update", "causal_conv1d", "causal_conv1d_update"})
 
-__all__ = ["OPS", "selective_state_update_triton"]
+__all__ = ["OPS", "causal_conv1d_triton", "causal_conv1d_update_triton", "selective_scan_triton",
+           "selective_state_update_triton"]

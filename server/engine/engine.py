@@ -35,6 +35,7 @@ class EngineConfig:
     max_num_seqs: int = 16
     max_prefill_seqs: int = 8
     state_cache_bytes: int = 1 << 30
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA devices only)
 
 
 class Observer:
@@ -52,7 +53,14 @@ class Engine:
         self.config = config or EngineConfig()
         self.observer = observer or Observer()
         self.device = model.llm.backbone.embedding.weight.device
-        self.state = model.allocate_state(self.config.max_num_seqs)
+        use_graphs = self.config.cuda_graphs and self.device.type == "cuda"
+        # With graphs, one extra slot past the engine's own takes the writes of padding rows.
+        self.state = model.allocate_state(self.config.max_num_seqs + use_graphs)
+        self.graphs = None
+        if use_graphs:
+            from model.graphs import GraphDecoder
+
+            self.graphs = GraphDecoder(model, self.state, self.config.max_num_seqs, self.config.max_num_seqs).capture()
         self.cache = StateCache(self.config.state_cache_bytes)
         self.free_slots = list(range(self.config.max_num_seqs))[::-1]
         self.waiting: deque[EngineRequest] = deque()
@@ -207,7 +215,10 @@ class Engine:
     def _decode(self, reqs: list[EngineRequest]) -> None:
         tokens = torch.tensor([r.last_token for r in reqs], device=self.device)
         slots = torch.tensor([r.slot for r in reqs], device=self.device)
-        logits = self.model.step(tokens, state=self.state, slots=slots)
+        if self.graphs is not None:
+            logits = self.graphs.step(tokens, slots)
+        else:
+            logits = self.model.step(tokens, state=self.state, slots=slots)
         self.steps += 1
         self.batched_steps += len(reqs) > 1
         self.max_batch = max(self.max_batch, len(reqs))

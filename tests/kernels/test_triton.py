@@ -8,18 +8,29 @@ import pytest
 
 pytest.importorskip("triton")
 
-# Output rounding only: inputs are identical and both accumulate in fp32.
+# Output rounding only: inputs are identical and both accumulate in fp32 (the chunked scan
+# reassociates its sums, well inside these).
 TOL = {"torch.float32": 1e-5, "torch.bfloat16": 1e-2, "torch.float16": 2e-3}
+# States are fp32 in the scan and state update; conv states hold inputs, copied exactly.
+STATE_TOL = {"selective_state_update": 5e-5, "selective_scan": 5e-5, "causal_conv1d": 0.0, "causal_conv1d_update": 0.0}
 
 
-def test_selective_state_update_triton_matches_reference_under_the_interpreter():
+@pytest.fixture(scope="module")
+def results():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     out = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_worker.py"))], env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    results = json.loads(out.stdout)
-    for r in results:
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("op,cases", [("selective_state_update", 4), ("selective_scan", 4), ("causal_conv1d", 4),
+                                      ("causal_conv1d_update", 2)])
+def test_triton_kernel_matches_reference_under_the_interpreter(results, op, cases):
+    mine = [r for r in results if r["op"] == op]
+    for r in mine:
         print(r)
-        assert r["same_dtype"] and r["state_err"] <= 1e-5
+        assert r["same_dtype"]
+        assert r["state_err"] <= STATE_TOL[op]
         assert r["y_err"] <= TOL[r["dtype"]] * (1 + r["y_scale"])
-    assert len(results) == 4
+    assert len(mine) == cases

@@ -1,28 +1,109 @@
-"""Run under TRITON_INTERPRET=1 by tests/kernels/test_triton.py: Triton kernels vs their references."""
+"""Run under TRITON_INTERPRET=1 by tests/kernels/test_triton.py: every Triton kernel vs its reference.
+
+Prints one JSON list of {op, case, dtype, errors..., scale}; small shapes keep the interpreter fast.
+"""
 
 import json
 import sys
 
 import torch
 
-from kernels import selective_state_update, selective_state_update_ref
+import kernels as K
 
 results = []
-for (b, d, n, pool, dtype) in [(1, 8, 4, 1, torch.float32), (3, 40, 16, 7, torch.float32),
-                               (2, 24, 5, 4, torch.bfloat16), (4, 16, 16, 9, torch.float16)]:
-    g = torch.Generator().manual_seed(b * 100 + d)
-    r = lambda *s: torch.randn(*s, generator=g)
-    x, dt, z = r(b, d).to(dtype), (r(b, d) * 0.5).to(dtype), r(b, d).to(dtype)
-    A, B, C, D, bias = -torch.exp(r(d, n) * 0.5), r(b, n).to(dtype), r(b, n).to(dtype), r(d), r(d) * 0.1
-    state = r(pool, d, n)
-    idx = torch.randperm(pool, generator=g)[:b] if pool > b else None
-    if idx is None:
-        state = state[:b].clone()
-    s_ref, s_tri = state.clone(), state.clone()
-    y_ref = selective_state_update_ref(s_ref, x, dt, A, B, C, D, z, bias, True, state_indices=idx)
-    y_tri = selective_state_update(s_tri, x, dt, A, B, C, D, z, bias, True, state_indices=idx, backend="triton")
-    results.append({"shape": [b, d, n, pool], "dtype": str(dtype),
-                    "y_err": (y_tri.float() - y_ref.float()).abs().max().item(),
-                    "state_err": (s_tri - s_ref).abs().max().item(),
-                    "y_scale": y_ref.float().abs().max().item(), "same_dtype": y_tri.dtype == y_ref.dtype})
+
+
+def err(a, b):
+    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+
+
+def record(op, case, dtype, **errs):
+    results.append({"op": op, "case": case, "dtype": str(dtype), **errs})
+
+
+def rng(seed):
+    g = torch.Generator().manual_seed(seed)
+    return lambda *s: torch.randn(*s, generator=g)
+
+
+def state_update_cases():
+    for (b, d, n, pool, dtype) in [(1, 8, 4, 1, torch.float32), (3, 40, 16, 7, torch.float32),
+                                   (2, 24, 5, 4, torch.bfloat16), (4, 16, 16, 9, torch.float16)]:
+        r = rng(b * 100 + d)
+        x, dt, z = r(b, d).to(dtype), (r(b, d) * 0.5).to(dtype), r(b, d).to(dtype)
+        A, B, C, D, bias = -torch.exp(r(d, n) * 0.5), r(b, n).to(dtype), r(b, n).to(dtype), r(d), r(d) * 0.1
+        state = r(pool, d, n)
+        idx = torch.randperm(pool)[:b] if pool > b else None
+        if idx is None:
+            state = state[:b].clone()
+        s_ref, s_tri = state.clone(), state.clone()
+        y_ref = K.selective_state_update_ref(s_ref, x, dt, A, B, C, D, z, bias, True, state_indices=idx)
+        y_tri = K.selective_state_update(s_tri, x, dt, A, B, C, D, z, bias, True, state_indices=idx, backend="triton")
+        record("selective_state_update", [b, d, n, pool], dtype, y_err=err(y_tri, y_ref), state_err=err(s_tri, s_ref),
+               y_scale=y_ref.float().abs().max().item(), same_dtype=y_tri.dtype == y_ref.dtype)
+
+
+def scan_cases():
+    # (b, d, n, l, dtype, mode): "pool" = slots + lengths, "init" = initial_state, "plain" = from zeros
+    for (b, d, n, l, dtype, mode) in [(2, 40, 16, 37, torch.float32, "pool"), (3, 24, 5, 20, torch.bfloat16, "pool"),
+                                      (1, 8, 4, 1, torch.float32, "init"), (2, 16, 16, 18, torch.float16, "plain")]:
+        r = rng(b * 10 + l)
+        u = r(b, l, 2 * d).to(dtype)[..., :d].transpose(1, 2)  # channel-last view, as the mixer passes it
+        z, delta = r(b, d, l).to(dtype), (r(b, d, l) * 0.5).to(dtype)
+        A, B, C = -torch.exp(r(d, n) * 0.5), r(b, l, n).to(dtype).transpose(1, 2), r(b, n, l).to(dtype)
+        D, bias = r(d), r(d) * 0.1
+        kw, pool = {}, None
+        if mode == "pool":
+            pool, idx = r(b + 3, d, n), torch.randperm(b + 3)[:b]
+            lengths = torch.randint(1, l + 1, (b,))
+            kw = {"lengths": lengths, "state_indices": idx}
+        elif mode == "init":
+            kw = {"initial_state": r(b, d, n)}
+        outs = []
+        for backend in ("ref", "triton"):
+            extra = {"state": pool.clone()} if pool is not None else {}
+            y, last = K.selective_scan(u, delta, A, B, C, D, z, bias, True, **kw, **extra, backend=backend)
+            outs.append((y, last if last is not None else extra["state"]))
+        (y_ref, s_ref), (y_tri, s_tri) = outs
+        valid = torch.ones(b, 1, l) if mode != "pool" else (torch.arange(l)[None, :] < kw["lengths"][:, None])[:, None]
+        record("selective_scan", [b, d, n, l, mode], dtype, y_err=err(y_tri * valid, y_ref * valid),
+               state_err=err(s_tri, s_ref), y_scale=y_ref.float().abs().max().item(),
+               same_dtype=y_tri.dtype == y_ref.dtype)
+
+
+def conv_cases():
+    for (b, d, l, dtype, mode) in [(2, 40, 37, torch.float32, "pool"), (3, 24, 2, torch.bfloat16, "pool"),
+                                   (1, 70, 5, torch.float32, "init"), (2, 16, 33, torch.float16, "plain")]:
+        r = rng(b * 7 + l)
+        x = r(b, l, 2 * d).to(dtype)[..., :d].transpose(1, 2)
+        w, cb = r(d, 4), r(d)
+        kw, pool = {}, None
+        if mode == "pool":
+            pool, idx = r(b + 2, d, 3).to(dtype), torch.randperm(b + 2)[:b]
+            kw = {"lengths": torch.randint(1, l + 1, (b,)), "state_indices": idx}
+        elif mode == "init":
+            kw = {"initial_state": r(b, d, 3).to(dtype)}
+        outs = []
+        for backend in ("ref", "triton"):
+            extra = {"conv_state": pool.clone()} if pool is not None else {}
+            y, last = K.causal_conv1d(x, w, cb, "silu", **kw, **extra, backend=backend)
+            outs.append((y, last if last is not None else extra["conv_state"]))
+        (y_ref, s_ref), (y_tri, s_tri) = outs
+        record("causal_conv1d", [b, d, l, mode], dtype, y_err=err(y_tri, y_ref), state_err=err(s_tri, s_ref),
+               y_scale=y_ref.float().abs().max().item(), same_dtype=y_tri.dtype == y_ref.dtype)
+    for (b, d, pool_n, dtype) in [(1, 8, 1, torch.float32), (3, 300, 6, torch.bfloat16)]:
+        r = rng(b + d)
+        x, w, cb = r(b, 2 * d).to(dtype)[:, :d], r(d, 4), r(d)
+        pool = r(pool_n, d, 3).to(dtype)
+        idx = torch.randperm(pool_n)[:b] if pool_n > b else None
+        p_ref, p_tri = pool.clone(), pool.clone()
+        y_ref = K.causal_conv1d_update_ref(x, p_ref, w, cb, "silu", state_indices=idx)
+        y_tri = K.causal_conv1d_update(x, p_tri, w, cb, "silu", state_indices=idx, backend="triton")
+        record("causal_conv1d_update", [b, d, pool_n], dtype, y_err=err(y_tri, y_ref), state_err=err(p_tri, p_ref),
+               y_scale=y_ref.float().abs().max().item(), same_dtype=y_tri.dtype == y_ref.dtype)
+
+
+state_update_cases()
+scan_cases()
+conv_cases()
 json.dump(results, sys.stdout)

@@ -1,0 +1,346 @@
+"""Decode and prefill throughput of a Mamba-2.8B-shaped LM: our engine against mamba-ssm and transformers.
+
+All models hold the same random bf16 weights (ours are copied into the peers where the names
+allow), prompts are random token ids, decoding is greedy with no early stop. Each system is
+warmed up once at exactly the shapes it is timed at (mamba-ssm recaptures its CUDA graph when
+max_length changes). Definitions, the same for every system:
+
+- prefill tok/s = b * prompt / (time of one forward over the (b, prompt) batch);
+- decode tok/s  = b * new / (time of prompt + new tokens - prefill time);
+- ours (engine): requests through :class:`server.engine.Engine` (admission, batched prefill,
+  CUDA-graph decode, per-request sampling and detokenizing); ours (graph loop): the model's
+  captured decode step + argmax in a plain loop, the same work mamba-ssm's ``generate`` does.
+
+    python -m benchmarks.decode                      # the 2.8B shape on cuda, JSON + docs/performance.md
+    python -m benchmarks.decode --device cpu --layers 2 --d-model 64 --batches 1 2 --prompt 16 --new 4 --doc ''
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import threading
+
+import torch
+
+from benchmarks.common import PRESET, machine, markdown_table, sync, timed, write_json, write_section
+from model.config import MambaConfig
+
+
+def lm_config(args) -> MambaConfig:
+    from model.checkpoint_vlm import load_config
+
+    cfg = load_config(PRESET).llm
+    if args.layers or args.d_model:
+        cfg = MambaConfig(d_model=args.d_model or cfg.d_model, n_layer=args.layers or cfg.n_layer,
+                          vocab_size=cfg.vocab_size)
+    return cfg
+
+
+def build_ours(cfg: MambaConfig, device, dtype, backend):
+    """A VL-Mamba with this LM and a tiny vision tower (text-only prompts never run it)."""
+    from model.factory import create_vlmamba, tiny_vision_config
+    from model.processor import VLMambaProcessor
+
+    tok = VLMambaProcessor.from_pretrained(PRESET, _preset_config()).tokenizer
+    with torch.device(device):
+        model, proc = create_vlmamba(tiny_vision_config(), cfg, tok, connector="mlp", dtype=dtype, device=device)
+    model.set_backend(backend)
+    return model, proc
+
+
+def _preset_config():
+    from model.checkpoint_vlm import load_config
+
+    return load_config(PRESET)
+
+
+# ---- ours -------------------------------------------------------------------------------------
+def ours_prefill(model, ids, state, repeats):
+    slots = torch.arange(ids.shape[0], device=ids.device)
+    fn = lambda: model.llm(ids, state=state, slots=slots, last_only=True)
+    fn()
+    return timed(fn, ids.device, repeats)
+
+
+def engine_generate(engine, prompts: list[list[int]], new: int) -> tuple[float, float]:
+    """Run the prompts through the engine; returns (seconds to the last first token, total seconds)."""
+    import time
+
+    from model.sampling import SamplingParams
+    from server.engine import EngineRequest
+
+    done, lock, left = threading.Event(), threading.Lock(), [len(prompts)]
+
+    def sink(out):
+        if out.finished:
+            with lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set()
+
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    reqs = [EngineRequest(f"b{i}", p, [], params, sink) for i, p in enumerate(prompts)]
+    t0 = time.monotonic()
+    for r in reqs:
+        engine.add_request(r)
+    if not done.wait(timeout=600):
+        raise RuntimeError("engine did not finish the batch in 10 minutes")
+    t1 = time.monotonic()
+    errors = [r.request_id for r in reqs if r.decoder is None or len(r.decoder.token_ids) != new]
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests did not produce {new} tokens")
+    return max(r.first_token_time for r in reqs) - t0, t1 - t0
+
+
+def graph_loop(engine, model, ids, new):
+    """Prefill, then ``new`` greedy steps replayed from the engine's decode graphs."""
+    b = ids.shape[0]
+    slots = torch.arange(b, device=ids.device)
+    engine.state.reset(slots)
+    tok = model.llm(ids, state=engine.state, slots=slots, last_only=True).argmax(-1)
+    for _ in range(new - 1):
+        logits = engine.graphs.step(tok, slots) if engine.graphs is not None else model.step(
+            tok, state=engine.state, slots=slots)
+        tok = logits.argmax(-1)
+    return tok
+
+
+def bench_ours(args, cfg, device, dtype) -> tuple[list[dict], object]:
+    from server.engine import Engine, EngineConfig
+
+    model, proc = build_ours(cfg, device, dtype, args.backend)
+    top = max(args.batches)
+    engine = Engine(model, proc, EngineConfig(max_num_seqs=top, max_prefill_seqs=top, state_cache_bytes=1 << 30,
+                                              cuda_graphs=not args.no_graphs))
+    engine.start()
+    if args.profile:
+        profile_steps(model, device, args.profile)
+    if args.profile_prefill:
+        profile_prefill(model, device, args.profile_prefill, args.prompt)
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for b in args.batches:
+            ids = torch.randint(2, len(proc.tokenizer), (b, args.prompt), generator=gen)
+            prompts = ids.tolist()
+            ids = ids.to(device)
+            state = model.allocate_state(b)
+            t_pre, _ = ours_prefill(model, ids, state, args.repeats)
+            del state
+            engine.config.max_prefill_seqs = b
+            engine_generate(engine, prompts, args.new)  # warm-up at these shapes
+            torch.cuda.reset_peak_memory_stats() if torch.device(device).type == "cuda" else None
+            runs = [engine_generate(engine, prompts, args.new) for _ in range(args.repeats)]
+            first, total = sorted(runs, key=lambda r: r[1])[len(runs) // 2]
+            graph_loop(engine, model, ids, args.new)
+            t_loop, _ = timed(lambda: graph_loop(engine, model, ids, args.new), device, args.repeats)
+            rows.append({"system": "ours", "batch": b, "prefill_s": t_pre, "prefill_tok_s": b * args.prompt / t_pre,
+                         "engine_decode_tok_s": b * args.new / (total - first), "engine_total_s": total,
+                         "loop_decode_tok_s": b * args.new / max(t_loop - t_pre, 1e-9), "loop_total_s": t_loop})
+            print(rows[-1], flush=True)
+    engine.shutdown()
+    rows.append({"system": "ours", "state_bytes_per_sequence": engine.state.bytes_per_slot})
+    return rows, model
+
+
+def profile_steps(model, device, batches, steps: int = 5) -> None:
+    """Print the kernels of eager decode steps, most GPU time first (where a step's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for b in batches:
+        state = model.allocate_state(b)
+        slots, tok = torch.arange(b, device=device), torch.zeros(b, dtype=torch.long, device=device)
+        with torch.inference_mode():
+            model.step(tok, state=state, slots=slots)
+            sync(device)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    model.step(tok, state=state, slots=slots)
+                sync(device)
+        print(f"--- profile: {steps} eager decode steps at batch {b}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+        del state
+
+
+def profile_prefill(model, device, batches, length: int) -> None:
+    """Print the kernels of one prefill forward, most GPU time first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for b in batches:
+        state = model.allocate_state(b)
+        slots, ids = torch.arange(b, device=device), torch.randint(2, 300, (b, length), device=device)
+        with torch.inference_mode():
+            model.llm(ids, state=state, slots=slots, last_only=True)
+            sync(device)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                model.llm(ids, state=state, slots=slots, last_only=True)
+                sync(device)
+        print(f"--- profile: prefill of {b} x {length}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+        del state
+
+
+# ---- peers ------------------------------------------------------------------------------------
+def bench_mamba_ssm(args, cfg, ours_model, device) -> list[dict]:
+    from mamba_ssm.models.config_mamba import MambaConfig as PeerConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    from mamba_ssm.utils.generation import InferenceParams
+
+    peer = MambaLMHeadModel(PeerConfig(d_model=cfg.d_model, n_layer=cfg.n_layer, vocab_size=cfg.vocab_size,
+                                       ssm_cfg={"layer": "Mamba1"}, rms_norm=True, residual_in_fp32=True,
+                                       fused_add_norm=True, pad_vocab_size_multiple=cfg.pad_vocab_size_multiple),
+                            device=device, dtype=torch.bfloat16).eval()
+    peer.load_state_dict(ours_model.llm.state_dict())
+    rows, gen = [], torch.Generator().manual_seed(1)
+    parity = logits_parity(peer, ours_model, device)
+    with torch.inference_mode():
+        for b in args.batches:
+            ids = torch.randint(2, 300, (b, args.prompt), generator=gen).to(device)
+
+            def prefill():
+                return peer(ids, inference_params=InferenceParams(max_seqlen=args.prompt + args.new,
+                                                                  max_batch_size=b), num_last_tokens=1)
+
+            prefill()
+            t_pre, _ = timed(prefill, device, args.repeats)
+            gen_fn = lambda: peer.generate(ids, max_length=args.prompt + args.new, cg=True, top_k=1)
+            gen_fn()
+            t_gen, out = timed(gen_fn, device, args.repeats)
+            assert out.shape == (b, args.prompt + args.new), out.shape
+            rows.append({"system": "mamba-ssm", "batch": b, "prefill_s": t_pre, "prefill_tok_s": b * args.prompt / t_pre,
+                         "loop_decode_tok_s": b * args.new / (t_gen - t_pre), "loop_total_s": t_gen})
+            print(rows[-1], flush=True)
+    rows.append({"system": "mamba-ssm", "parity": parity})
+    del peer
+    return rows
+
+
+def logits_parity(peer, ours_model, device) -> dict:
+    """Last-position logits of one (2, 256) batch: our fast path vs mamba-ssm vs our reference path."""
+    ids = torch.randint(2, 300, (2, 256), generator=torch.Generator().manual_seed(5)).to(device)
+    with torch.inference_mode():
+        p = peer(ids).logits[:, -1].float()
+        fast = ours_model.llm(ids, last_only=True).float()
+        backend = ours_model.llm.backbone.layers[0].mixer.backend
+        ours_model.set_backend("ref")
+        ref = ours_model.llm(ids, last_only=True).float()
+        ours_model.set_backend(backend)
+    scale = ref.abs().max().item()
+    return {"scale": scale, "ours_vs_ref_max_abs": (fast - ref).abs().max().item(),
+            "mamba_ssm_vs_ref_max_abs": (p - ref).abs().max().item(),
+            "ours_vs_mamba_ssm_max_abs": (fast - p).abs().max().item(),
+            "argmax_agree_ours_ref": bool((fast.argmax(-1) == ref.argmax(-1)).all())}
+
+
+def bench_transformers(args, cfg, device) -> list[dict]:
+    from transformers import MambaConfig as HFConfig, MambaForCausalLM
+
+    hf_cfg = HFConfig(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer, vocab_size=cfg.padded_vocab_size,
+                      state_size=cfg.d_state, expand=cfg.expand, conv_kernel=cfg.d_conv, time_step_rank=cfg.dt_rank,
+                      use_mambapy=False)
+    with torch.device(device):
+        model = MambaForCausalLM(hf_cfg).to(torch.bfloat16).eval()
+    rows, gen = [], torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        for b in [b for b in args.batches if b <= args.transformers_max_batch]:
+            ids = torch.randint(2, 300, (b, args.prompt), generator=gen).to(device)
+            prefill = lambda: model(ids, logits_to_keep=1)
+            prefill()
+            t_pre, _ = timed(prefill, device, 1)
+            gen_fn = lambda: model.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
+                                            pad_token_id=0)
+            gen_fn()
+            t_gen, _ = timed(gen_fn, device, 1)
+            rows.append({"system": "transformers", "batch": b, "prefill_s": t_pre,
+                         "prefill_tok_s": b * args.prompt / t_pre, "loop_decode_tok_s": b * args.new / (t_gen - t_pre),
+                         "loop_total_s": t_gen})
+            print(rows[-1], flush=True)
+    del model
+    return rows
+
+
+# ---- report -----------------------------------------------------------------------------------
+def report(result: dict, batches: list[int]) -> str:
+    rows_by = {}
+    for r in result["rows"]:
+        if "batch" in r:
+            rows_by[(r["system"], r["batch"])] = r
+    header = ["system"] + [f"decode tok/s B={b}" for b in batches] + [f"prefill tok/s B={b}" for b in batches]
+    table = []
+    for system, key in (("ours (engine)", ("ours", "engine_decode_tok_s")), ("ours (graph loop)", ("ours", "loop_decode_tok_s")),
+                        ("mamba-ssm generate(cg=True)", ("mamba-ssm", "loop_decode_tok_s")),
+                        ("transformers generate", ("transformers", "loop_decode_tok_s"))):
+        name, field = key
+        if not any((name, b) in rows_by for b in batches):
+            continue
+        dec = [rows_by.get((name, b), {}).get(field) for b in batches]
+        pre = [rows_by.get((name, b), {}).get("prefill_tok_s") for b in batches]
+        table.append([system] + dec + pre)
+    m = result["machine"]
+    text = [f"Machine: {m.get('gpu') or 'CPU'}, torch {m['torch']}, triton {m.get('triton', '–')}, {m['date']}. "
+            f"Model: d_model {result['config']['d_model']}, {result['config']['n_layer']} layers, vocab "
+            f"{result['config']['padded_vocab_size']}, random {result['dtype']} weights; prompt {result['prompt']}, "
+            f"{result['new']} new tokens, greedy. Command: `{result['command']}`.", "", markdown_table(header, table)]
+    for r in result["rows"]:
+        if "parity" in r:
+            p = r["parity"]
+            text += ["", f"Logits parity on the same weights (last position, 2 × 256 tokens, logit scale "
+                          f"{p['scale']:.3g}): ours (Triton) vs reference {p['ours_vs_ref_max_abs']:.3g}, mamba-ssm vs "
+                          f"reference {p['mamba_ssm_vs_ref_max_abs']:.3g}, ours vs mamba-ssm "
+                          f"{p['ours_vs_mamba_ssm_max_abs']:.3g}; greedy tokens agree: {p['argmax_agree_ours_ref']}."]
+        if "state_bytes_per_sequence" in r:
+            text += ["", f"Recurrent state per sequence (all layers; conv in bf16, SSM in fp32): "
+                         f"{r['state_bytes_per_sequence'] / 2**20:.1f} MiB — constant in the sequence length."]
+    return "\n".join(text)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--prompt", type=int, default=768)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--backend", default="auto", help="our kernels: auto (Triton on CUDA), triton, cuda, ref")
+    ap.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
+    ap.add_argument("--peers", nargs="*", default=["mamba-ssm", "transformers"])
+    ap.add_argument("--transformers-max-batch", type=int, default=16, help="its torch path is slow beyond this")
+    ap.add_argument("--profile", type=int, nargs="*", default=[], help="print a kernel profile of decode steps "
+                                                                        "at these batch sizes")
+    ap.add_argument("--profile-prefill", type=int, nargs="*", default=[], help="print a kernel profile of one "
+                                                                                "prefill at these batch sizes")
+    ap.add_argument("--layers", type=int, default=0, help="override n_layer (smoke runs)")
+    ap.add_argument("--d-model", type=int, default=0, help="override d_model (smoke runs)")
+    ap.add_argument("--out", default=None, help="JSON file")
+    ap.add_argument("--doc", default=None, help="markdown file for the table (default docs/performance.md on "
+                                                "CUDA, none on CPU; '' for none)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = lm_config(args)
+    result = {"benchmark": "decode", "machine": machine(device), "config": {**cfg.to_dict(),
+              "padded_vocab_size": cfg.padded_vocab_size}, "prompt": args.prompt, "new": args.new, "dtype": str(dtype).removeprefix("torch."),
+              "command": "python -m benchmarks.decode " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+              "rows": []}
+    rows, ours = bench_ours(args, cfg, device, dtype)
+    result["rows"] += rows
+    if "mamba-ssm" in args.peers and device.type == "cuda":
+        try:
+            result["rows"] += bench_mamba_ssm(args, cfg, ours, device)
+        except ImportError as e:
+            result["rows"].append({"system": "mamba-ssm", "skipped": f"not installed: {e}"})
+    del ours
+    gc.collect()
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    if "transformers" in args.peers:
+        result["rows"] += bench_transformers(args, cfg, device)
+    result["table"] = report(result, args.batches)
+    write_json(result, args.out)
+    doc = args.doc if args.doc is not None else (None if device.type != "cuda" else "docs/performance.md")
+    write_section("decode", "## LM decode and prefill\n\n" + result["table"], doc or None)
+    return result
+
+
+if __name__ == "__main__":
+    main()

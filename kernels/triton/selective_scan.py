@@ -1,0 +1,185 @@
+"""Prefill selective scan in Triton: parallel over (sequence, channel block), chunked over time.
+
+Each program keeps its channels' state h (BLOCK_D, n) in fp32 registers and walks the
+sequence in chunks of T steps. Inside a chunk the recurrence h_t = a_t * h_{t-1} + b_t is an
+associative scan over (a, b) pairs along time, so the T steps run in log2(T) parallel rounds
+instead of T dependent ones; the chunk's end state carries into the next chunk.
+
+Inputs are read through their strides, so the channel-last views the mixer produces
+(``in_proj(h).transpose(1, 2)``) need no copies, and y is written channel-last for out_proj.
+Ragged batches are right-padded: steps at or past a row's length get delta = 0, so the
+state passes through the padding unchanged (exp(0 * A) = 1, delta * B * u = 0).
+The initial state can come from, and the final state go to, rows of a state pool.
+Same contract as :func:`kernels.selective_scan.selective_scan_ref`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _linear_combine(a1, b1, a2, b2):
+    # (a1, b1) then (a2, b2): h -> a2 * (a1 * h + b1) + b2
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def _scan_kernel(u, delta, A, B, C, D, z, bias, y, h_in, h_out, idx, lens,
+                 d, l, n,
+                 s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
+                 s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_hb, s_hd, s_ob, s_od,
+                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                 HAS_H0: tl.constexpr, HAS_IDX: tl.constexpr, HAS_LENS: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr):
+    b, pid_d = tl.program_id(0), tl.program_id(1)
+    row = tl.load(idx + b).to(tl.int64) if HAS_IDX else b.to(tl.int64)  # state row for this sequence
+    rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    rn = tl.arange(0, BLOCK_N)
+    rt = tl.arange(0, T)
+    md, mn = rd < d, rn < n
+    m2 = md[:, None] & mn[None, :]
+    length = tl.load(lens + b) if HAS_LENS else l
+    # Padded n columns get A = 0 and B = 0: their state stays 0 and adds nothing to y.
+    a2 = tl.load(A + rd[:, None] * s_Ad + rn[None, :], mask=m2, other=0.0).to(tl.float32) * 1.4426950408889634
+    if HAS_H0:
+        h = tl.load(h_in + row * s_hb + rd[:, None] * s_hd + rn[None, :], mask=m2, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    if HAS_D:
+        dv = tl.load(D + rd, mask=md, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bv = tl.load(bias + rd, mask=md, other=0.0).to(tl.float32)
+    u_b, t_b, z_b, y_b = u + b * s_ub, delta + b * s_tb, z + b * s_zb, y + b * s_yb
+    B_b, C_b = B + b * s_Bb, C + b * s_Cb
+    for t0 in range(0, l, T):
+        t = t0 + rt
+        mt = t < l
+        mdt = md[:, None] & mt[None, :]
+        mnt = mn[:, None] & mt[None, :]
+        uu = tl.load(u_b + rd[:, None] * s_ud + t[None, :] * s_ul, mask=mdt, other=0.0).to(tl.float32)
+        dt = tl.load(t_b + rd[:, None] * s_td + t[None, :] * s_tl, mask=mdt, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt += bv[:, None]
+        if SOFTPLUS:  # torch's softplus: identity above 20
+            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+        dt = tl.where((t < length)[None, :], dt, 0.0)  # (BLOCK_D, T); 0 past the row's end
+        Bt = tl.load(B_b + rn[:, None] * s_Bn + t[None, :] * s_Bl, mask=mnt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_b + rn[:, None] * s_Cn + t[None, :] * s_Cl, mask=mnt, other=0.0).to(tl.float32)
+        da = tl.exp2(dt[:, None, :] * a2[:, :, None])  # (BLOCK_D, BLOCK_N, T)
+        dbu = (dt * uu)[:, None, :] * Bt[None, :, :]  # (BLOCK_D, BLOCK_N, T)
+        ca, cb = tl.associative_scan((da, dbu), axis=2, combine_fn=_linear_combine)
+        hs = ca * h[:, :, None] + cb  # state after each step of the chunk
+        yy = tl.sum(hs * Ct[None, :, :], axis=1)  # (BLOCK_D, T)
+        # The chunk's last column is the carried state (tail steps past l have delta 0).
+        h = tl.sum(tl.where((rt == T - 1)[None, None, :], hs, 0.0), axis=2)
+        if HAS_D:
+            yy += uu * dv[:, None]
+        if HAS_Z:
+            zz = tl.load(z_b + rd[:, None] * s_zd + t[None, :] * s_zl, mask=mdt, other=0.0).to(tl.float32)
+            yy *= zz * tl.sigmoid(zz)
+        tl.store(y_b + rd[:, None] * s_yd + t[None, :] * s_yl, yy, mask=mdt)
+    tl.store(h_out + row * s_ob + rd[:, None] * s_od + rn[None, :], h, mask=m2)
+
+
+@triton.jit
+def _scan_seq_kernel(u, delta, A, B, C, D, z, bias, y, h_in, h_out, idx, lens,
+                     d, l, n,
+                     s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
+                     s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_hb, s_hd, s_ob, s_od,
+                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     HAS_H0: tl.constexpr, HAS_IDX: tl.constexpr, HAS_LENS: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr):
+    # Step by step with the state in registers; the T steps of a chunk are unrolled so their
+    # loads (which do not depend on the state) are all in flight before the first update.
+    b, pid_d = tl.program_id(0), tl.program_id(1)
+    row = tl.load(idx + b).to(tl.int64) if HAS_IDX else b.to(tl.int64)
+    rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    rn = tl.arange(0, BLOCK_N)
+    md, mn = rd < d, rn < n
+    m2 = md[:, None] & mn[None, :]
+    length = tl.load(lens + b) if HAS_LENS else l
+    a2 = tl.load(A + rd[:, None] * s_Ad + rn[None, :], mask=m2, other=0.0).to(tl.float32) * 1.4426950408889634
+    if HAS_H0:
+        h = tl.load(h_in + row * s_hb + rd[:, None] * s_hd + rn[None, :], mask=m2, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    if HAS_D:
+        dv = tl.load(D + rd, mask=md, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bv = tl.load(bias + rd, mask=md, other=0.0).to(tl.float32)
+    u_b, t_b, z_b, y_b = u + b * s_ub, delta + b * s_tb, z + b * s_zb, y + b * s_yb
+    B_b, C_b = B + b * s_Bb, C + b * s_Cb
+    for t0 in range(0, l, T):
+        for i in tl.static_range(T):
+            t = t0 + i
+            mdt = md & ((rd * 0 + t) < l)
+            mnt = mn & ((rn * 0 + t) < l)
+            uu = tl.load(u_b + rd * s_ud + t * s_ul, mask=mdt, other=0.0).to(tl.float32)
+            dt = tl.load(t_b + rd * s_td + t * s_tl, mask=mdt, other=0.0).to(tl.float32)
+            Bt = tl.load(B_b + rn * s_Bn + t * s_Bl, mask=mnt, other=0.0).to(tl.float32)
+            Ct = tl.load(C_b + rn * s_Cn + t * s_Cl, mask=mnt, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zz = tl.load(z_b + rd * s_zd + t * s_zl, mask=mdt, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt += bv
+            if SOFTPLUS:
+                dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+            dt = tl.where((rd * 0 + t) < length, dt, 0.0)
+            h = tl.exp2(dt[:, None] * a2) * h + (dt * uu)[:, None] * Bt[None, :]
+            yy = tl.sum(h * Ct[None, :], axis=1)
+            if HAS_D:
+                yy += uu * dv
+            if HAS_Z:
+                yy *= zz * tl.sigmoid(zz)
+            tl.store(y_b + rd * s_yd + t * s_yl, yy, mask=mdt)
+    tl.store(h_out + row * s_ob + rd[:, None] * s_od + rn[None, :], h, mask=m2)
+
+
+def _config(d: int, n: int) -> tuple[int, int, int]:
+    """(BLOCK_D, T, num_warps): the 3-D chunk tile (BLOCK_D * n * T) stays near 8k fp32 values."""
+    block_n = triton.next_power_of_2(n)
+    block_d = max(8, min(32, 512 // block_n))
+    return block_d, max(4, 8192 // (block_d * block_n)), 4
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          initial_state=None, lengths=None, state=None, state_indices=None, config=None):
+    """u, delta, z: (b, d, l) any strides; A: (d, n); B, C: (b, n, l); D, delta_bias: (d,);
+    initial_state: (b, d, n); lengths: (b,) valid steps per row (delta is 0 past them);
+    state: (p, d, n) float32 pool with state_indices (b,): start from and write back those rows.
+    Returns y (b, d, l) in u.dtype (channel-last memory) and the last state (b, d, n) float32,
+    or None for it when ``state`` is given (it is in the pool).
+    ``config``: (kind "chunked" | "seq", BLOCK_D, T, num_warps) overrides the tuned default."""
+    b, d, l = u.shape
+    n = A.shape[-1]
+    assert delta.shape == (b, d, l) and B.shape == (b, n, l) and C.shape == (b, n, l), (delta.shape, B.shape)
+    if state is not None:
+        assert initial_state is None and state.dtype == torch.float32 and state.shape[1:] == (d, n), state.shape
+        assert state.stride(2) == 1, "the pool's n axis must be contiguous"
+        assert state_indices is not None and state_indices.shape == (b,), "a state pool needs state_indices (b,)"
+        h_in = h_out = state
+    else:
+        h_out = torch.empty(b, d, n, device=u.device, dtype=torch.float32)
+        h_in = initial_state.float().contiguous() if initial_state is not None else h_out
+    A = A.float().contiguous()
+    y = torch.empty(b, l, d, device=u.device, dtype=u.dtype).transpose(1, 2)
+    kind, block_d, T, warps = config or ("chunked",) + _config(d, n)
+    dummy = h_out
+    zz = z if z is not None else u
+    grid = (b, triton.cdiv(d, block_d))
+    kernel = _scan_kernel if kind == "chunked" else _scan_seq_kernel
+    kernel[grid](
+        u, delta, A, B, C, D if D is not None else dummy, zz, delta_bias if delta_bias is not None else dummy,
+        y, h_in, h_out, state_indices if state_indices is not None else dummy,
+        lengths if lengths is not None else dummy, d, l, n,
+        *u.stride(), *delta.stride(), A.stride(0), *B.stride(), *C.stride(), *zz.stride(), *y.stride(),
+        h_in.stride(0), h_in.stride(1), h_out.stride(0), h_out.stride(1),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        HAS_H0=state is not None or initial_state is not None, HAS_IDX=state_indices is not None,
+        HAS_LENS=lengths is not None, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(n), T=T, num_warps=warps)
+    return y, (None if state is not None else h_out)

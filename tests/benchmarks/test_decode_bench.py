@@ -1,0 +1,29 @@
+"""The decode benchmark runs end to end at a tiny shape on the CPU and writes its table."""
+
+from benchmarks.common import write_section
+from benchmarks.decode import main
+
+
+def test_decode_benchmark_tiny_cpu(tmp_path):
+    doc = tmp_path / "performance.md"
+    doc.write_text("# Performance\n\nintro stays\n")
+    out = main(["--device", "cpu", "--layers", "2", "--d-model", "64", "--batches", "1", "3", "--prompt", "12",
+                "--new", "3", "--repeats", "1", "--peers", "transformers", "--doc", str(doc),
+                "--out", str(tmp_path / "r.json")])
+    ours = [r for r in out["rows"] if r["system"] == "ours" and "batch" in r]
+    assert [r["batch"] for r in ours] == [1, 3]
+    for r in ours:
+        assert r["prefill_tok_s"] > 0 and r["engine_decode_tok_s"] > 0 and r["loop_decode_tok_s"] > 0
+    assert {r["batch"] for r in out["rows"] if r["system"] == "transformers"} == {1, 3}
+    text = doc.read_text()
+    assert "intro stays" in text and "| ours (engine) |" in text and "| transformers generate |" in text
+    assert (tmp_path / "r.json").exists()
+
+
+def test_write_section_replaces_in_place(tmp_path):
+    doc = tmp_path / "p.md"
+    write_section("a", "first", doc)
+    write_section("b", "second", doc)
+    write_section("a", "third", doc)
+    text = doc.read_text()
+    assert "first" not in text and text.index("third") < text.index("second")

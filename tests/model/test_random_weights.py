@@ -1,0 +1,32 @@
+import torch
+
+from model.checkpoint_vlm import load_config, load_vlmamba
+from model.demo import DEMO_CHECKPOINT
+from model.generate import generate
+from model.graphs import buckets_for
+from model.sampling import SamplingParams
+
+
+def test_random_weights_keep_the_shape_and_ignore_the_file():
+    real, _ = load_vlmamba(DEMO_CHECKPOINT)
+    rand, proc = load_vlmamba(DEMO_CHECKPOINT, random_weights=True, dtype=torch.bfloat16)
+    a, b = real.state_dict(), rand.state_dict()
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    w = "llm.backbone.layers.0.mixer.in_proj.weight"
+    assert b[w].dtype == torch.bfloat16 and not torch.allclose(a[w], b[w].float())
+    assert rand.llm.backbone.layers[0].mixer.A_log.dtype == torch.float32  # SSM dynamics stay fp32
+    out = generate(rand, proc, prompt="hello", params=SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert len(out.token_ids) == 4
+
+
+def test_preset_has_the_2_8b_shape():
+    cfg = load_config("model/configs/vlmamba-2.8b-so400m")
+    assert (cfg.llm.d_model, cfg.llm.n_layer, cfg.llm.padded_vocab_size, cfg.llm.d_state) == (2560, 64, 50280, 16)
+    assert cfg.vision.num_patches == 729 and cfg.connector.vision_dim == 1152
+
+
+def test_graph_buckets():
+    assert buckets_for(1) == [1]
+    assert buckets_for(16) == [1, 2, 4, 8, 16]
+    assert buckets_for(20) == [1, 2, 4, 8, 16, 20]
+    assert buckets_for(1000) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
