@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import threading
+from pathlib import Path
 
 import torch
 
@@ -112,7 +114,8 @@ def bench_ours(args, cfg, device, dtype) -> tuple[list[dict], object]:
     model, proc = build_ours(cfg, device, dtype, args.backend)
     top = max(args.batches)
     engine = Engine(model, proc, EngineConfig(max_num_seqs=top, max_prefill_seqs=top, state_cache_bytes=1 << 30,
-                                              cuda_graphs=not args.no_graphs))
+                                              cuda_graphs=not args.no_graphs, state_dtype=args.state_dtype))
+    name = "ours" if args.state_dtype == "float32" else f"ours-{args.state_dtype}-state"
     engine.start()
     if args.profile:
         profile_steps(model, device, args.profile)
@@ -125,7 +128,7 @@ def bench_ours(args, cfg, device, dtype) -> tuple[list[dict], object]:
             ids = torch.randint(2, len(proc.tokenizer), (b, args.prompt), generator=gen)
             prompts = ids.tolist()
             ids = ids.to(device)
-            state = model.allocate_state(b)
+            state = model.allocate_state(b, ssm_dtype=engine.state.ssm.dtype)
             t_pre, _ = ours_prefill(model, ids, state, args.repeats)
             del state
             engine.config.max_prefill_seqs = b
@@ -135,12 +138,15 @@ def bench_ours(args, cfg, device, dtype) -> tuple[list[dict], object]:
             first, total = sorted(runs, key=lambda r: r[1])[len(runs) // 2]
             graph_loop(engine, model, ids, args.new)
             t_loop, _ = timed(lambda: graph_loop(engine, model, ids, args.new), device, args.repeats)
-            rows.append({"system": "ours", "batch": b, "prefill_s": t_pre, "prefill_tok_s": b * args.prompt / t_pre,
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if torch.device(device).type == "cuda" else None
+            rows.append({"system": name, "batch": b, "peak_gib_engine_run": peak, "prefill_s": t_pre,
+                         "prefill_tok_s": b * args.prompt / t_pre,
                          "engine_decode_tok_s": b * args.new / (total - first), "engine_total_s": total,
                          "loop_decode_tok_s": b * args.new / max(t_loop - t_pre, 1e-9), "loop_total_s": t_loop})
             print(rows[-1], flush=True)
     engine.shutdown()
-    rows.append({"system": "ours", "state_bytes_per_sequence": engine.state.bytes_per_slot})
+    rows.append({"system": name, "state_bytes_per_sequence": engine.state.bytes_per_slot,
+                 "state_dtype": args.state_dtype})
     return rows, model
 
 
@@ -211,7 +217,10 @@ def bench_mamba_ssm(args, cfg, ours_model, device) -> list[dict]:
             rows.append({"system": "mamba-ssm", "batch": b, "prefill_s": t_pre, "prefill_tok_s": b * args.prompt / t_pre,
                          "loop_decode_tok_s": b * args.new / (t_gen - t_pre), "loop_total_s": t_gen})
             print(rows[-1], flush=True)
-    rows.append({"system": "mamba-ssm", "parity": parity})
+    cache = peer.allocate_inference_cache(1, args.prompt + args.new)
+    per_seq = sum(t.numel() * t.element_size() for pair in cache.values() for t in pair)
+    rows.append({"system": "mamba-ssm", "parity": parity, "state_bytes_per_sequence": per_seq,
+                 "state_dtype": "bfloat16"})
     del peer
     return rows
 
@@ -269,6 +278,8 @@ def report(result: dict, batches: list[int]) -> str:
     header = ["system"] + [f"decode tok/s B={b}" for b in batches] + [f"prefill tok/s B={b}" for b in batches]
     table = []
     for system, key in (("ours (engine)", ("ours", "engine_decode_tok_s")), ("ours (graph loop)", ("ours", "loop_decode_tok_s")),
+                        ("ours, bf16 state (engine)", ("ours-bfloat16-state", "engine_decode_tok_s")),
+                        ("ours, bf16 state (graph loop)", ("ours-bfloat16-state", "loop_decode_tok_s")),
                         ("mamba-ssm generate(cg=True)", ("mamba-ssm", "loop_decode_tok_s")),
                         ("transformers generate", ("transformers", "loop_decode_tok_s"))):
         name, field = key
@@ -278,6 +289,8 @@ def report(result: dict, batches: list[int]) -> str:
         pre = [rows_by.get((name, b), {}).get("prefill_tok_s") for b in batches]
         table.append([system] + dec + pre)
     m = result["machine"]
+    peaks = [f"B={r['batch']}: {r['peak_gib_engine_run']:.1f} GiB" for r in result["rows"]
+             if r.get("system") == "ours" and r.get("peak_gib_engine_run")]
     text = [f"Machine: {m.get('gpu') or 'CPU'}, torch {m['torch']}, triton {m.get('triton', '–')}, {m['date']}. "
             f"Model: d_model {result['config']['d_model']}, {result['config']['n_layer']} layers, vocab "
             f"{result['config']['padded_vocab_size']}, random {result['dtype']} weights; prompt {result['prompt']}, "
@@ -288,10 +301,14 @@ def report(result: dict, batches: list[int]) -> str:
             text += ["", f"Logits parity on the same weights (last position, 2 × 256 tokens, logit scale "
                           f"{p['scale']:.3g}): ours (Triton) vs reference {p['ours_vs_ref_max_abs']:.3g}, mamba-ssm vs "
                           f"reference {p['mamba_ssm_vs_ref_max_abs']:.3g}, ours vs mamba-ssm "
-                          f"{p['ours_vs_mamba_ssm_max_abs']:.3g}; greedy tokens agree: {p['argmax_agree_ours_ref']}."]
+                          f"{p['ours_vs_mamba_ssm_max_abs']:.3g}; greedy tokens agree: {p['argmax_agree_ours_ref']}.", ""]
         if "state_bytes_per_sequence" in r:
-            text += ["", f"Recurrent state per sequence (all layers; conv in bf16, SSM in fp32): "
-                         f"{r['state_bytes_per_sequence'] / 2**20:.1f} MiB — constant in the sequence length."]
+            text += [f"Recurrent state per sequence ({r['system']}: all layers, conv in the model dtype, SSM "
+                         f"states in {r['state_dtype']}): {r['state_bytes_per_sequence'] / 2**20:.1f} MiB — constant "
+                         f"in the sequence length."]
+    if peaks:
+        text += ["", "Peak GPU memory of our engine runs (weights + state pool for 256 + activations): " +
+                 ", ".join(peaks) + "."]
     return "\n".join(text)
 
 
@@ -304,7 +321,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--backend", default="auto", help="our kernels: auto (Triton on CUDA), triton, cuda, ref")
     ap.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
-    ap.add_argument("--peers", nargs="*", default=["mamba-ssm", "transformers"])
+    ap.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="storage of our SSM states (the peers keep theirs in the model dtype, bf16)")
+    ap.add_argument("--systems", nargs="*", default=["ours", "mamba-ssm", "transformers"],
+                    help="what to run: ours, mamba-ssm, transformers")
+    ap.add_argument("--merge", nargs="*", default=[], help="JSON results of earlier runs (same shapes) to include "
+                                                           "in the table, e.g. a peer measured in another process")
     ap.add_argument("--transformers-max-batch", type=int, default=16, help="its torch path is slow beyond this")
     ap.add_argument("--profile", type=int, nargs="*", default=[], help="print a kernel profile of decode steps "
                                                                         "at these batch sizes")
@@ -323,9 +345,12 @@ def main(argv=None) -> dict:
               "padded_vocab_size": cfg.padded_vocab_size}, "prompt": args.prompt, "new": args.new, "dtype": str(dtype).removeprefix("torch."),
               "command": "python -m benchmarks.decode " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
               "rows": []}
-    rows, ours = bench_ours(args, cfg, device, dtype)
-    result["rows"] += rows
-    if "mamba-ssm" in args.peers and device.type == "cuda":
+    if "ours" in args.systems:
+        rows, ours = bench_ours(args, cfg, device, dtype)
+        result["rows"] += rows
+    else:  # the peers still take our weights
+        ours = build_ours(cfg, device, dtype, args.backend)[0]
+    if "mamba-ssm" in args.systems and device.type == "cuda":
         try:
             result["rows"] += bench_mamba_ssm(args, cfg, ours, device)
         except ImportError as e:
@@ -333,8 +358,12 @@ def main(argv=None) -> dict:
     del ours
     gc.collect()
     torch.cuda.empty_cache() if device.type == "cuda" else None
-    if "transformers" in args.peers:
+    if "transformers" in args.systems:
         result["rows"] += bench_transformers(args, cfg, device)
+    for path in args.merge:
+        other = json.loads(Path(path).read_text())
+        assert (other["prompt"], other["new"]) == (args.prompt, args.new), f"{path} was measured at other shapes"
+        result["rows"] += other["rows"]
     result["table"] = report(result, args.batches)
     write_json(result, args.out)
     doc = args.doc if args.doc is not None else (None if device.type != "cuda" else "docs/performance.md")

@@ -14,6 +14,7 @@ Each op has a PyTorch reference (``*_ref``) and one public dispatcher that takes
 """
 
 from kernels._backend import BACKENDS, BackendUnavailable, resolve_backend
+from kernels.norm import add_rms_norm, add_rms_norm_ref
 from kernels.causal_conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update, causal_conv1d_update_ref
 from kernels.selective_scan import (
     selective_scan,
@@ -25,6 +26,8 @@ from kernels.selective_scan import (
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
+    "add_rms_norm",
+    "add_rms_norm_ref",
     "resolve_backend",
     "causal_conv1d",
     "causal_conv1d_ref",

@@ -64,27 +64,36 @@ def _interpreting() -> bool:
 _logged: set[str] = set()
 
 
+def needs_grad(*tensors) -> bool:
+    """True when autograd will record an op on these tensors (training, not inference)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def resolve_backend(backend: str, op: str, device: torch.device, peer: str | None = None,
-                    triton_ops: frozenset[str] = frozenset()) -> str:
+                    triton_ops: frozenset[str] = frozenset(), grad: bool = False) -> str:
     """Turn a requested backend into the one that runs ``op`` on ``device``.
 
     ``peer`` names the peer package behind ``cuda`` for this op; ``triton_ops`` the ops
-    that have a Triton implementation. Raises BackendUnavailable for an impossible request.
+    that have a Triton implementation. ``grad``: the call must be differentiable — our Triton
+    kernels are inference-only, so ``auto`` then skips them. Raises BackendUnavailable for an
+    impossible request.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "triton" and op not in triton_ops:
         raise BackendUnavailable(f"{op}: backend 'triton' has no kernel for this op yet")
+    if backend == "triton" and grad:
+        raise BackendUnavailable(f"{op}: the Triton kernels are inference-only (no backward); use auto or ref")
     if backend != "auto":
         _check(backend, op, device, peer)
         return backend
     chosen = "ref"
     if device.type == "cuda":
-        if op in triton_ops and triton_available():
+        if op in triton_ops and triton_available() and not grad:
             chosen = "triton"
         elif peer is not None and peer_module(peer) is not None:
             chosen = "cuda"
-    key = f"{op}:{device.type}"
+    key = f"{op}:{device.type}:{grad}"
     if key not in _logged:
         _logged.add(key)
         log.info("kernel %s on %s: backend %s", op, device.type, chosen)

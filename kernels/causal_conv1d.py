@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._backend import BackendUnavailable, peer_module, resolve_backend
+from kernels._backend import BackendUnavailable, needs_grad, peer_module, resolve_backend
 from kernels.selective_scan import _triton_ops
 
 _ACTIVATIONS = (None, "silu", "swish")
@@ -61,7 +61,8 @@ def _state_at(xs: torch.Tensor, lengths: torch.Tensor, w: int) -> torch.Tensor:
 def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, lengths=None, conv_state=None,
                   state_indices=None, backend: str = "auto"):
     """Causal depthwise conv1d; same contract as :func:`causal_conv1d_ref`."""
-    chosen = resolve_backend(backend, "causal_conv1d", x.device, "causal_conv1d", _triton_ops())
+    chosen = resolve_backend(backend, "causal_conv1d", x.device, "causal_conv1d", _triton_ops(),
+                             needs_grad(x, weight, bias))
     if chosen == "cuda":
         return _conv_cuda(x, weight, bias, activation, initial_state, lengths, conv_state, state_indices)
     if chosen == "triton":

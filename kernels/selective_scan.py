@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._backend import peer_module, resolve_backend
+from kernels._backend import needs_grad, peer_module, resolve_backend
 
 TRITON_OPS: frozenset[str] = frozenset()
 
@@ -47,7 +47,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     assert B.shape == (b, n, l) and C.shape == (b, n, l), (B.shape, C.shape)
     if state is not None:
         assert initial_state is None and state_indices is not None and state_indices.shape == (b,)
-        initial_state = state[state_indices]
+        initial_state = state[state_indices].float()
     dtype_in = u.dtype
     u, delta, A, B, C = (t.float() for t in (u, delta, A, B, C))
     if delta_bias is not None:
@@ -74,7 +74,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     if z is not None:
         y = y * F.silu(z.float())
     if state is not None:
-        state[state_indices] = h
+        state[state_indices] = h.to(state.dtype)
         return y.to(dtype_in), None
     return y.to(dtype_in), h
 
@@ -106,7 +106,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Returns ``(y, last_state)``: y (b, d, l) in u.dtype, last_state (b, d, n) float32
     (None when ``state``/``state_indices`` name pool rows: the final states are written there).
     """
-    chosen = resolve_backend(backend, "selective_scan", u.device, "mamba_ssm", _triton_ops())
+    chosen = resolve_backend(backend, "selective_scan", u.device, "mamba_ssm", _triton_ops(),
+                             needs_grad(u, delta, A, B, C, D, z))
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, lengths, state)
     if chosen == "cuda":
         return _scan_cuda(*args)
@@ -118,13 +119,19 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                               state_indices=None):
+                               state_indices=None, dt_proj_weight=None, A_is_log=False):
     """One recurrent step of the selective scan, updating ``state`` in place.
 
-    state: (p, d, n) float32 pool; x, dt: (b, d); A: (d, n); B, C: (b, n); D: (d,) or None;
+    state: (p, d, n) float32 pool; x: (b, d); dt: (b, d), or the low-rank (b, r) with
+    dt_proj_weight (d, r) (dt = dt @ dt_proj_weight.T, fused in the fast kernel); A: (d, n),
+    or A_log (d, n) with ``A_is_log`` (A = -exp(A_log)); B, C: (b, n); D: (d,) or None;
     z: (b, d) or None; dt_bias: (d,) or None; state_indices: (b,) int rows of the pool
     (None: row i for batch row i, p == b). Returns y: (b, d) in x.dtype.
     """
+    if dt_proj_weight is not None:
+        dt = dt.float() @ dt_proj_weight.float().T  # (b, d)
+    if A_is_log:
+        A = -torch.exp(A.float())
     b, d = x.shape
     n = A.shape[-1]
     assert dt.shape == (b, d) and B.shape == (b, n) and C.shape == (b, n), (dt.shape, B.shape, C.shape)
@@ -155,15 +162,20 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                           state_indices=None, backend: str = "auto"):
+                           state_indices=None, dt_proj_weight=None, A_is_log=False, backend: str = "auto"):
     """One decode step in place on a state pool; same contract as :func:`selective_state_update_ref`."""
     chosen = resolve_backend(backend, "selective_state_update", x.device, "mamba_ssm", _triton_ops())
     if chosen == "cuda":
+        if dt_proj_weight is not None:
+            dt = F.linear(dt, dt_proj_weight)
+        A = -torch.exp(A.float()) if A_is_log else A
         fn = peer_module("mamba_ssm.ops.triton.selective_state_update").selective_state_update
         return fn(state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                   state_batch_indices=state_indices)
     if chosen == "triton":
         from kernels.triton import selective_state_update_triton
 
-        return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_indices)
-    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_indices)
+        return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_indices,
+                                             dt_proj_weight, A_is_log)
+    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_indices,
+                                      dt_proj_weight, A_is_log)

@@ -70,7 +70,6 @@ def logits_mask(vocab_size: int, n_real: int, banned: tuple[int, ...], device) -
 
 def pick_tokens(logits: torch.Tensor, decoders: list[SequenceDecoder], mask: torch.Tensor | None = None) -> torch.Tensor:
     """Sample one token per row of logits (b, V) with each row's own parameters."""
-    logits = logits.float()
     if mask is not None:
         logits = logits.masked_fill(mask, float("-inf"))
     dev = logits.device
@@ -78,6 +77,7 @@ def pick_tokens(logits: torch.Tensor, decoders: list[SequenceDecoder], mask: tor
     penalised = any(p.presence_penalty or p.frequency_penalty for p in ps)
     if not penalised and all(p.temperature == 0 for p in ps):
         return logits.argmax(-1)  # decided on the host: no device sync before the token read
+    logits = logits.float()
     if penalised:
         pres = torch.tensor([p.presence_penalty for p in ps], device=dev)
         freq = torch.tensor([p.frequency_penalty for p in ps], device=dev)

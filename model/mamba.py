@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+from kernels import add_rms_norm, causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 from model.config import MambaConfig
 from model.state import InferenceState
 
@@ -84,10 +84,14 @@ class MambaMixer(nn.Module):
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, d) each
         x = causal_conv1d_update(x, conv_pool, self.conv1d.weight[:, 0, :], self.conv1d.bias, "silu",
                                  state_indices=slots, backend=self.backend)
-        dt, B, C = self._ssm_params(x)
-        A = -torch.exp(self.A_log.float())
-        y = selective_state_update(ssm_pool, x, dt, A, B, C, self.D.float(), z, self.dt_proj.bias, True,
-                                   state_indices=slots, backend=self.backend)
+        dt_low, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # Small batches fold dt_proj into the step kernel; large ones use one GEMM (the kernel
+        # would re-read dt_proj's weight once per sequence).
+        fuse = x.shape[0] <= 16
+        dt = dt_low if fuse else F.linear(dt_low, self.dt_proj.weight)
+        y = selective_state_update(ssm_pool, x, dt, self.A_log, B, C, self.D, z, self.dt_proj.bias, True,
+                                   state_indices=slots, dt_proj_weight=self.dt_proj.weight if fuse else None,
+                                   A_is_log=True, backend=self.backend)
         return self.out_proj(y)
 
 
@@ -103,9 +107,8 @@ class Block(nn.Module):
         self.norm = RMSNorm(c.d_model, c.norm_eps, device=device, dtype=dtype)
 
     def _pre(self, hidden, residual):
-        residual = hidden if residual is None else residual + hidden
-        normed = self.norm(residual.to(self.norm.weight.dtype))
-        return normed, residual.float() if self.residual_in_fp32 else residual
+        return add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps, self.residual_in_fp32,
+                            backend=self.mixer.backend)
 
     def forward(self, hidden, residual, state=None, slots=None, lengths=None):
         normed, residual = self._pre(hidden, residual)
@@ -124,8 +127,8 @@ class Backbone(nn.Module):
         self.norm_f = RMSNorm(config.d_model, config.norm_eps, device=device, dtype=dtype)
 
     def _final(self, hidden, residual):
-        residual = hidden if residual is None else residual + hidden
-        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+        backend = self.layers[0].mixer.backend if len(self.layers) else "ref"
+        return add_rms_norm(hidden, residual, self.norm_f.weight, self.norm_f.eps, backend=backend)[0]
 
 
 class MambaLM(nn.Module):
@@ -143,11 +146,12 @@ class MambaLM(nn.Module):
         for layer in self.backbone.layers:
             layer.mixer.backend = backend
 
-    def allocate_state(self, num_slots: int, dtype: torch.dtype | None = None, device=None) -> InferenceState:
-        """A zeroed pool of ``num_slots`` recurrent-state slots for every layer."""
+    def allocate_state(self, num_slots: int, dtype: torch.dtype | None = None, device=None,
+                       ssm_dtype: torch.dtype = torch.float32) -> InferenceState:
+        """A zeroed pool of ``num_slots`` recurrent-state slots for every layer (SSM states in ``ssm_dtype``)."""
         c, w = self.config, self.backbone.embedding.weight
         return InferenceState.allocate(num_slots, c.n_layer, c.d_inner, c.d_conv, c.d_state,
-                                       dtype or w.dtype, device or w.device)
+                                       dtype or w.dtype, device or w.device, ssm_dtype)
 
     def _embed(self, input_ids, inputs_embeds):
         if (input_ids is None) == (inputs_embeds is None):

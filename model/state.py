@@ -15,16 +15,19 @@ import torch
 @dataclass
 class InferenceState:
     """conv: (n_layer, p, d, w - 1) last conv inputs in the model dtype;
-    ssm: (n_layer, p, d, n) float32 selective-scan states."""
+    ssm: (n_layer, p, d, n) selective-scan states, float32 by default. bfloat16 storage halves
+    the state's memory and the decode step's state traffic (the kernels still compute in fp32
+    and round once per step), at the cost of that rounding accumulating over long sequences."""
 
     conv: torch.Tensor
     ssm: torch.Tensor
 
     @classmethod
     def allocate(cls, num_slots: int, n_layer: int, d_inner: int, d_conv: int, d_state: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "InferenceState":
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 ssm_dtype: torch.dtype = torch.float32) -> "InferenceState":
         return cls(conv=torch.zeros(n_layer, num_slots, d_inner, d_conv - 1, dtype=dtype, device=device),
-                   ssm=torch.zeros(n_layer, num_slots, d_inner, d_state, dtype=torch.float32, device=device))
+                   ssm=torch.zeros(n_layer, num_slots, d_inner, d_state, dtype=ssm_dtype, device=device))
 
     @property
     def num_slots(self) -> int:

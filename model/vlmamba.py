@@ -30,8 +30,8 @@ class VLMamba(nn.Module):
         if self.config.connector.kind != "mlp":
             self.connector.vss.mixer.backend = backend
 
-    def allocate_state(self, num_slots: int, dtype=None, device=None) -> InferenceState:
-        return self.llm.allocate_state(num_slots, dtype, device)
+    def allocate_state(self, num_slots: int, dtype=None, device=None, ssm_dtype=torch.float32) -> InferenceState:
+        return self.llm.allocate_state(num_slots, dtype, device, ssm_dtype)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (i, 3, H, W) -> visual embeddings (i, p, D) in the LM's dtype."""

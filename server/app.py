@@ -114,7 +114,7 @@ def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
         model, proc, name = loaded or load_model(settings)
         metrics = Metrics()
         cfg = EngineConfig(settings.max_num_seqs, settings.max_prefill_seqs, int(settings.state_cache_gb * 2**30),
-                           cuda_graphs=not settings.no_cuda_graphs)
+                           cuda_graphs=not settings.no_cuda_graphs, state_dtype=settings.state_dtype)
         engine = Engine(model, proc, cfg, metrics)
         metrics.attach(engine)
         limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,

@@ -46,6 +46,8 @@ class ServerSettings:
     no_webui: bool = _opt(False, "do not serve the chat page at /")
     random_weights: bool = _opt(False, "ignore the checkpoint's weights and initialise randomly from its "
                                        "config.json (benchmarks at a real model's shape without its weights)")
+    state_dtype: str = _opt("float32", "storage of the recurrent SSM states: float32 (exact) or bfloat16 (half the "
+                                       "memory and decode traffic per sequence; the math stays fp32)")
     no_cuda_graphs: bool = _opt(False, "run decode steps eagerly on GPU instead of replaying CUDA graphs")
 
     @property

@@ -140,18 +140,25 @@ def _scan_seq_kernel(u, delta, A, B, C, D, z, bias, y, h_in, h_out, idx, lens,
     tl.store(h_out + row * s_ob + rd[:, None] * s_od + rn[None, :], h, mask=m2)
 
 
-def _config(d: int, n: int) -> tuple[int, int, int]:
-    """(BLOCK_D, T, num_warps): the 3-D chunk tile (BLOCK_D * n * T) stays near 8k fp32 values."""
-    block_n = triton.next_power_of_2(n)
-    block_d = max(8, min(32, 512 // block_n))
-    return block_d, max(4, 8192 // (block_d * block_n)), 4
+def _config(b: int, d: int, n: int) -> tuple[str, int, int, int]:
+    """(kind, BLOCK_D, T, num_warps), from the sweep in benchmarks/kernels.py on an H100 at d 5120, n 16:
+    the step loop with wide channel blocks wins once the grid has enough programs (16 x 768:
+    1.15 ms vs 5.4 ms for the chunked scan); a single sequence needs narrow blocks to fill the
+    GPU, where the chunked scan is faster (1 x 768: 0.28 ms vs 0.44 ms)."""
+    for block_d in (128, 64, 32):
+        if b * triton.cdiv(d, block_d) >= 512:
+            return "seq", block_d, 8, 4
+    if triton.next_power_of_2(n) <= 16:
+        return "chunked", 4, 32, 4
+    return "seq", 16, 8, 2
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           initial_state=None, lengths=None, state=None, state_indices=None, config=None):
     """u, delta, z: (b, d, l) any strides; A: (d, n); B, C: (b, n, l); D, delta_bias: (d,);
     initial_state: (b, d, n); lengths: (b,) valid steps per row (delta is 0 past them);
-    state: (p, d, n) float32 pool with state_indices (b,): start from and write back those rows.
+    state: (p, d, n) pool (float32, or bfloat16 storage) with state_indices (b,): start from and
+    write back those rows; the scan itself always runs in fp32.
     Returns y (b, d, l) in u.dtype (channel-last memory) and the last state (b, d, n) float32,
     or None for it when ``state`` is given (it is in the pool).
     ``config``: (kind "chunked" | "seq", BLOCK_D, T, num_warps) overrides the tuned default."""
@@ -159,7 +166,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     n = A.shape[-1]
     assert delta.shape == (b, d, l) and B.shape == (b, n, l) and C.shape == (b, n, l), (delta.shape, B.shape)
     if state is not None:
-        assert initial_state is None and state.dtype == torch.float32 and state.shape[1:] == (d, n), state.shape
+        assert initial_state is None and state.shape[1:] == (d, n), state.shape
         assert state.stride(2) == 1, "the pool's n axis must be contiguous"
         assert state_indices is not None and state_indices.shape == (b,), "a state pool needs state_indices (b,)"
         h_in = h_out = state
@@ -168,7 +175,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         h_in = initial_state.float().contiguous() if initial_state is not None else h_out
     A = A.float().contiguous()
     y = torch.empty(b, l, d, device=u.device, dtype=u.dtype).transpose(1, 2)
-    kind, block_d, T, warps = config or ("chunked",) + _config(d, n)
+    kind, block_d, T, warps = config or _config(b, d, n)
     dummy = h_out
     zz = z if z is not None else u
     grid = (b, triton.cdiv(d, block_d))

@@ -36,6 +36,11 @@ class EngineConfig:
     max_prefill_seqs: int = 8
     state_cache_bytes: int = 1 << 30
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA devices only)
+    state_dtype: str = "float32"  # storage of the SSM states: float32 or bfloat16
+
+    def __post_init__(self):
+        if self.state_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"state_dtype must be float32 or bfloat16, got {self.state_dtype!r}")
 
 
 class Observer:
@@ -55,7 +60,8 @@ class Engine:
         self.device = model.llm.backbone.embedding.weight.device
         use_graphs = self.config.cuda_graphs and self.device.type == "cuda"
         # With graphs, one extra slot past the engine's own takes the writes of padding rows.
-        self.state = model.allocate_state(self.config.max_num_seqs + use_graphs)
+        ssm_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.config.state_dtype]
+        self.state = model.allocate_state(self.config.max_num_seqs + use_graphs, ssm_dtype=ssm_dtype)
         self.graphs = None
         if use_graphs:
             from model.graphs import GraphDecoder

@@ -8,7 +8,7 @@ def test_decode_benchmark_tiny_cpu(tmp_path):
     doc = tmp_path / "performance.md"
     doc.write_text("# Performance\n\nintro stays\n")
     out = main(["--device", "cpu", "--layers", "2", "--d-model", "64", "--batches", "1", "3", "--prompt", "12",
-                "--new", "3", "--repeats", "1", "--peers", "transformers", "--doc", str(doc),
+                "--new", "3", "--repeats", "1", "--systems", "ours", "transformers", "--doc", str(doc),
                 "--out", str(tmp_path / "r.json")])
     ours = [r for r in out["rows"] if r["system"] == "ours" and "batch" in r]
     assert [r["batch"] for r in ours] == [1, 3]
@@ -27,3 +27,13 @@ def test_write_section_replaces_in_place(tmp_path):
     write_section("a", "third", doc)
     text = doc.read_text()
     assert "first" not in text and text.index("third") < text.index("second")
+
+
+def test_decode_benchmark_merges_an_earlier_run(tmp_path):
+    first = tmp_path / "peer.json"
+    common = ["--device", "cpu", "--layers", "1", "--d-model", "32", "--batches", "2", "--prompt", "8", "--new", "2",
+              "--repeats", "1", "--doc", ""]
+    main(common + ["--systems", "transformers", "--out", str(first)])
+    out = main(common + ["--systems", "ours", "--merge", str(first)])
+    assert {r["system"] for r in out["rows"] if "batch" in r} == {"ours", "transformers"}
+    assert "| transformers generate |" in out["table"] and "| ours (engine) |" in out["table"]

@@ -119,3 +119,26 @@ def test_graph_decode_equals_prefill_on_gpu():
     scale = full.abs().max().item()
     print(f"graph decode vs prefill: max abs err {err:.3g} (logit scale {scale:.3g})")
     assert err < 0.05 * scale
+
+
+@pytest.mark.parametrize("b", [1, 16])
+def test_fused_step_and_norm(b):
+    from kernels import add_rms_norm, add_rms_norm_ref
+
+    g = torch.Generator(device="cuda").manual_seed(b)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)
+    xz, xproj = r(b, 2 * D).bfloat16(), r(b, 160 + 2 * N).bfloat16()
+    dt_low, B, C = xproj.split([160, N, N], dim=-1)
+    W, A_log, Dv, bias = (r(D, 160) * 0.05).bfloat16(), r(D, N) * 0.5, r(D), r(D).bfloat16()
+    pool, idx = r(b + 3, D, N), torch.randperm(b + 3, device="cuda", generator=g)[:b]
+    p_ref, p_tri = pool.clone(), pool.clone()
+    args = (xz[:, :D], dt_low, A_log, B, C, Dv, xz[:, D:], bias, True, idx, W, True)
+    y_ref = selective_state_update_ref(p_ref, *args)
+    y_tri = selective_state_update(p_tri, *args, backend="triton")
+    x, res, w = r(b, 2560).bfloat16(), r(b, 2560), (1 + 0.1 * r(2560)).bfloat16()
+    n_ref, r_ref = add_rms_norm_ref(x, res, w)
+    n_tri, r_tri = add_rms_norm(x, res, w, backend="triton")
+    print(f"fused step b={b}: y rel err {_rel(y_tri, y_ref):.2e}, state {_rel(p_tri, p_ref):.2e}; "
+          f"norm rel err {_rel(n_tri, n_ref):.2e}")
+    assert _rel(y_tri, y_ref) < 1e-2 and _rel(p_tri, p_ref) < 1e-5
+    assert _rel(n_tri, n_ref) < 1e-2 and torch.equal(r_tri, r_ref)

@@ -103,7 +103,37 @@ def conv_cases():
                y_scale=y_ref.float().abs().max().item(), same_dtype=y_tri.dtype == y_ref.dtype)
 
 
+def fused_cases():
+    """selective_state_update with dt_proj folded in and A given as A_log; add_rms_norm."""
+    for (b, d, n, r_, dtype) in [(2, 40, 16, 5, torch.float32), (3, 64, 16, 70, torch.bfloat16)]:
+        r = rng(b * 3 + d)
+        xproj = r(b, r_ + 2 * n).to(dtype)
+        dt_low, B, C = xproj.split([r_, n, n], dim=-1)  # strided views, as the mixer passes them
+        x, z, W = r(b, d).to(dtype), r(b, d).to(dtype), (r(d, r_) * 0.3).to(dtype)
+        A_log, D, bias = r(d, n) * 0.5, r(d), r(d) * 0.1
+        pool, idx = r(b + 2, d, n), torch.randperm(b + 2)[:b]
+        p_ref, p_tri = pool.clone(), pool.clone()
+        y_ref = K.selective_state_update_ref(p_ref, x, dt_low, A_log, B, C, D, z, bias, True, idx, W, True)
+        y_tri = K.selective_state_update(p_tri, x, dt_low, A_log, B, C, D, z, bias, True, idx, W, True,
+                                         backend="triton")
+        record("selective_state_update_lowrank", [b, d, n, r_], dtype, y_err=err(y_tri, y_ref),
+               state_err=err(p_tri, p_ref), y_scale=y_ref.float().abs().max().item(),
+               same_dtype=y_tri.dtype == y_ref.dtype)
+    for (rows, D_, dtype, has_res, fp32) in [(3, 40, torch.float32, False, True), (5, 100, torch.bfloat16, True, True),
+                                            (2, 64, torch.float16, True, False)]:
+        r = rng(rows + D_)
+        x, w = r(rows, D_).to(dtype), (1 + 0.1 * r(D_)).to(dtype)
+        res = r(rows, D_) if fp32 else r(rows, D_).to(dtype)
+        res = res if has_res else None
+        n_ref, r_ref = K.add_rms_norm_ref(x, res, w, 1e-5, fp32)
+        n_tri, r_tri = K.add_rms_norm(x, res, w, 1e-5, fp32, backend="triton")
+        record("add_rms_norm", [rows, D_, has_res, fp32], dtype, y_err=err(n_tri, n_ref), state_err=err(r_tri, r_ref),
+               y_scale=n_ref.float().abs().max().item(), same_dtype=n_tri.dtype == n_ref.dtype == w.dtype
+               and r_tri.dtype == r_ref.dtype)
+
+
 state_update_cases()
+fused_cases()
 scan_cases()
 conv_cases()
 json.dump(results, sys.stdout)

@@ -151,3 +151,20 @@ def test_rejects_unsupported_configs(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
     with pytest.raises(ValueError, match="llama"):
         MambaLM.from_pretrained(tmp_path)
+
+
+@torch.no_grad()
+def test_bf16_state_storage_tracks_the_fp32_state():
+    """SSM states stored in bf16: the math stays fp32 and rounds once per step, so decode stays close
+    to the fp32-state run (and the pool really is bf16)."""
+    model = _tiny(seed=7)
+    ids = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(8))
+    ref = model(ids).float()
+    state = model.allocate_state(2, ssm_dtype=torch.bfloat16)
+    slots = torch.tensor([1, 0])
+    a = model(ids[:, :6], state=state, slots=slots)
+    steps = torch.stack([model.step(ids[:, t], state=state, slots=slots) for t in range(6, 16)], 1)
+    err = (torch.cat([a, steps], 1) - ref).abs().max().item()
+    print("bf16 state: max |decode - fp32 prefill| =", err, "scale", ref.abs().max().item())
+    assert state.ssm.dtype == torch.bfloat16 and state.ssm.abs().sum() > 0
+    assert err <= 2e-2 * ref.abs().max().item()

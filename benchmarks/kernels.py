@@ -1,0 +1,141 @@
+"""Kernel timings at the Mamba-2.8B shapes (d 5120, n 16, r 160, D 2560): our Triton kernels and,
+where installed, the peer kernels of mamba-ssm / causal-conv1d on the same inputs.
+
+``--sweep`` also times the prefill scan's variants (chunked associative scan vs step loop,
+block sizes), which is how its default configuration was chosen.
+
+    python -m benchmarks.kernels [--sweep] [--out JSON] [--doc docs/performance.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import machine, markdown_table, write_json, write_section
+
+D_IN, N, R, D_MODEL = 5120, 16, 160, 2560
+
+
+def bench(fn) -> float:
+    """Median milliseconds of fn (CUDA events; triton's do_bench)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def scan_inputs(b, l, g):
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)
+    xz = r(b, l, 2 * D_IN).bfloat16()
+    u, z = xz[..., :D_IN].transpose(1, 2), xz[..., D_IN:].transpose(1, 2)  # channel-last, as in the mixer
+    delta = (r(b, l, D_IN) * 0.5 - 2).bfloat16().transpose(1, 2)
+    BC = r(b, l, 2 * N).bfloat16()
+    return u, delta, -torch.exp(r(D_IN, N) * 0.5), BC[..., :N].transpose(1, 2), BC[..., N:].transpose(1, 2), \
+        r(D_IN), z, r(D_IN) * 0.1
+
+
+def scan_rows(sweep: bool) -> list[dict]:
+    from kernels.triton.selective_scan import selective_scan_triton
+
+    rows, g = [], torch.Generator(device="cuda").manual_seed(0)
+    for b, l in [(1, 768), (16, 768)]:
+        u, delta, A, B, C, Dv, z, bias = scan_inputs(b, l, g)
+        pool, idx = torch.zeros(b, D_IN, N, device="cuda"), torch.arange(b, device="cuda")
+        configs = [None]
+        if sweep:
+            configs += [("chunked", bd, t, w) for bd, t, w in [(32, 16, 4), (8, 16, 4), (16, 16, 4), (8, 32, 4),
+                                                               (16, 8, 4), (16, 16, 8), (4, 32, 4)]]
+            configs += [("seq", bd, t, w) for bd, t, w in [(32, 8, 4), (64, 8, 4), (16, 8, 2), (32, 4, 2),
+                                                           (64, 4, 4), (128, 8, 4), (32, 16, 4), (64, 16, 8)]]
+        for cfg in configs:
+            ms = bench(lambda: selective_scan_triton(u, delta, A, B, C, Dv, z, bias, True, state=pool,
+                                                     state_indices=idx, config=cfg))
+            rows.append({"kernel": "selective_scan", "impl": "triton", "config": cfg, "shape": [b, l], "ms": ms})
+        peer = _peer("mamba_ssm.ops.selective_scan_interface")
+        if peer is not None:  # mamba-ssm wants (b, d, l) contiguous inputs: its callers transpose first
+            uc, dc, zc, Bc, Cc = (t.contiguous() for t in (u, delta, z, B, C))
+            ms = bench(lambda: peer.selective_scan_fn(uc, dc, A, Bc, Cc, Dv, zc, bias, True, return_last_state=True))
+            rows.append({"kernel": "selective_scan", "impl": "mamba-ssm", "config": None, "shape": [b, l], "ms": ms})
+    return rows
+
+
+def conv_rows() -> list[dict]:
+    from kernels import causal_conv1d
+
+    rows, g = [], torch.Generator(device="cuda").manual_seed(1)
+    for b, l in [(1, 768), (16, 768)]:
+        x = torch.randn(b, l, 2 * D_IN, device="cuda", generator=g).bfloat16()[..., :D_IN].transpose(1, 2)
+        w, cb = torch.randn(D_IN, 4, device="cuda").bfloat16(), torch.randn(D_IN, device="cuda").bfloat16()
+        pool, idx = torch.zeros(b, D_IN, 3, device="cuda").bfloat16(), torch.arange(b, device="cuda")
+        ms = bench(lambda: causal_conv1d(x, w, cb, "silu", conv_state=pool, state_indices=idx, backend="triton"))
+        rows.append({"kernel": "causal_conv1d", "impl": "triton", "shape": [b, l], "ms": ms})
+        peer = _peer("causal_conv1d")
+        if peer is not None:
+            xc = x.contiguous()
+            ms = bench(lambda: peer.causal_conv1d_fn(xc, w, cb, activation="silu"))
+            rows.append({"kernel": "causal_conv1d", "impl": "causal-conv1d", "shape": [b, l], "ms": ms})
+    return rows
+
+
+def step_rows() -> list[dict]:
+    from kernels import add_rms_norm, causal_conv1d_update, selective_state_update
+
+    rows, g = [], torch.Generator(device="cuda").manual_seed(2)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)
+    for b in (1, 64, 256):
+        xz, xproj = r(b, 2 * D_IN).bfloat16(), r(b, R + 2 * N).bfloat16()
+        x, z = xz[:, :D_IN], xz[:, D_IN:]
+        dt_low, B, C = xproj.split([R, N, N], dim=-1)
+        W, A_log, Dv, bias = (r(D_IN, R) * 0.05).bfloat16(), r(D_IN, N) * 0.5, r(D_IN), r(D_IN).bfloat16()
+        dt = (r(b, D_IN) * 0.5).bfloat16()
+        pool, idx = r(b, D_IN, N), torch.arange(b, device="cuda")
+        cpool, w = r(b, D_IN, 3).bfloat16(), r(D_IN, 4).bfloat16()
+        cases = {
+            "selective_state_update": lambda: selective_state_update(pool, x, dt, A_log, B, C, Dv, z, bias, True, idx,
+                                                                     A_is_log=True, backend="triton"),
+            "selective_state_update+dt_proj": lambda: selective_state_update(pool, x, dt_low, A_log, B, C, Dv, z, bias,
+                                                                             True, idx, W, True, backend="triton"),
+            "causal_conv1d_update": lambda: causal_conv1d_update(x, cpool, w, None, "silu", idx, backend="triton"),
+            "add_rms_norm": lambda: add_rms_norm(r(b, D_MODEL).bfloat16(), r(b, D_MODEL), torch.ones(
+                D_MODEL, device="cuda", dtype=torch.bfloat16), backend="triton"),
+        }
+        for name, fn in cases.items():
+            rows.append({"kernel": name, "impl": "triton", "shape": [b], "ms": bench(fn)})
+        peer = _peer("mamba_ssm.ops.triton.selective_state_update")
+        if peer is not None:
+            A = -torch.exp(A_log)
+            ms = bench(lambda: peer.selective_state_update(pool, x, dt, A, B, C, Dv, z=z, dt_bias=bias,
+                                                           dt_softplus=True, state_batch_indices=idx))
+            rows.append({"kernel": "selective_state_update", "impl": "mamba-ssm", "shape": [b], "ms": ms})
+    return rows
+
+
+def _peer(name):
+    try:
+        return __import__("importlib").import_module(name)
+    except ImportError:
+        return None
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", action="store_true", help="also time the prefill scan's variants")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--doc", default=None, help="markdown file for the table ('' for none)")
+    args = ap.parse_args(argv)
+    rows = scan_rows(args.sweep) + conv_rows() + step_rows()
+    result = {"benchmark": "kernels", "machine": machine("cuda"), "rows": rows}
+    table = markdown_table(["kernel", "impl", "config", "shape", "ms"],
+                           [[r["kernel"], r["impl"], str(r.get("config") or "default"), str(r["shape"]), r["ms"]]
+                            for r in rows])
+    m = result["machine"]
+    result["table"] = f"Machine: {m['gpu']}, torch {m['torch']}, triton {m.get('triton')}, {m['date']}.\n\n{table}"
+    write_json(result, args.out)
+    if args.doc:
+        write_section("kernels", "## Kernels at the 2.8B shapes\n\n" + result["table"], args.doc)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Residual add + RMSNorm in Triton: one program per row, the whole row in registers.
+
+Same contract and rounding as :func:`kernels.norm.add_rms_norm_ref`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_rms_norm_kernel(x, res, w, out, res_out, D, eps, s_x, s_r, s_o, s_ro,
+                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    m = cols < D
+    v = tl.load(x + row * s_x + cols, mask=m, other=0.0).to(tl.float32)
+    if HAS_RES:
+        v += tl.load(res + row * s_r + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(res_out + row * s_ro + cols, v, mask=m)
+    h = v.to(w.dtype.element_ty).to(tl.float32)  # the reference rounds the stream to the weight dtype first
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
+    wv = tl.load(w + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(out + row * s_o + cols, h * rstd * wv, mask=m)
+
+
+def add_rms_norm_triton(x, residual, weight, eps: float = 1e-5, residual_fp32: bool = True):
+    """x, residual: (..., D) with a contiguous last axis; weight: (D,)."""
+    D = x.shape[-1]
+    shape = x.shape
+    x2 = x.reshape(-1, D)
+    r2 = residual.reshape(-1, D) if residual is not None else x2
+    if residual is not None and not residual_fp32:
+        # Without an fp32 stream the sum is rounded to x.dtype before the norm, as in the reference.
+        r2 = r2 + x2
+        x2, residual = r2, None
+    out = torch.empty(x2.shape, device=x.device, dtype=weight.dtype)
+    res_out = torch.empty(x2.shape, device=x.device, dtype=torch.float32 if residual_fp32 else x.dtype)
+    assert x2.stride(-1) == 1 and r2.stride(-1) == 1
+    _add_rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, res_out, D, eps, x2.stride(0), r2.stride(0),
+                                         out.stride(0), res_out.stride(0), HAS_RES=residual is not None,
+                                         BLOCK=triton.next_power_of_2(D), num_warps=8 if D >= 2048 else 4)
+    return out.view(shape), res_out.view(shape)
