@@ -82,8 +82,8 @@ class CobraVLM(nn.Module):
     def set_backend(self, backend: str) -> None:
         self.llm.set_backend(backend)
 
-    def allocate_state(self, num_slots: int, dtype=None, device=None) -> InferenceState:
-        return self.llm.allocate_state(num_slots, dtype, device)
+    def allocate_state(self, num_slots: int, dtype=None, device=None, ssm_dtype=torch.float32) -> InferenceState:
+        return self.llm.allocate_state(num_slots, dtype, device, ssm_dtype)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (i, 3k, S, S) -> projected patch embeddings (i, p, D) in the LM's dtype."""

@@ -7,9 +7,17 @@ Runs in its own thread so the asyncio event loop stays responsive. Each iteratio
    cache (or zeroing it);
 3. ``_prefill``: encode the new requests' images in one batch and prefill the uncached prompt
    suffixes in one right-padded batch; sample each first token;
-4. ``_decode``: one ``step`` for every running sequence, slots passed as indices;
+4. ``_decode``: one ``step`` for every running sequence, slots passed as indices. The step's
+   sampled tokens stay on the device and feed the next step directly; the host reads them one
+   step later, while the device runs that next step (one step of lookahead), so detokenizing,
+   stop checks and delivery overlap the GPU. A sequence that finishes has therefore had one
+   extra step run on its slot: harmless, since its output is dropped and the slot is either
+   cached as "prompt + every generated token" (what it then holds) or reset before reuse;
 5. prompts' end states (after prefill) and finished requests' final states go to the session
    state cache; finished requests free their slot.
+
+Lookahead is off for batches with presence/frequency penalties, which need every previous
+token on the host before sampling.
 """
 
 from __future__ import annotations
@@ -28,6 +36,16 @@ from server.engine.state_cache import StateCache, prefix_hashes, prompt_items
 from server.engine.types import EngineOutput, EngineRequest
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Inflight:
+    """A launched decode step whose sampled tokens the host has not read yet."""
+
+    reqs: list[EngineRequest]
+    tokens: torch.Tensor  # (b,) long on the device: feeds the next step
+    host: torch.Tensor  # (b,) copy on the host (pinned on CUDA), valid once `done` has fired
+    done: object  # torch.cuda.Event or None
 
 
 @dataclass
@@ -79,6 +97,10 @@ class Engine:
         self.fault_hook: Callable[[str, list[EngineRequest]], None] | None = None  # tests inject failures here
         self.steps = self.batched_steps = self.max_batch = 0
         self.last_heartbeat = time.monotonic()
+        self._inflight: _Inflight | None = None
+        self._pinned = [torch.empty(self.config.max_num_seqs, dtype=torch.long, pin_memory=True)
+                        for _ in range(2)] if self.device.type == "cuda" else None
+        self._flip = 0
         self._mask = logits_mask(model.llm.config.padded_vocab_size, len(processor.tokenizer),
                                  (processor.image_token_id,), self.device)
 
@@ -140,6 +162,8 @@ class Engine:
         ready = [r for r in self.running if r.last_token is not None and r not in new]
         if ready:
             self._guarded("decode", ready, lambda: self._decode(ready))
+        elif self._inflight is not None:  # every row of it left (aborted): drain
+            self._consume(self._inflight)
 
     def _guarded(self, phase: str, reqs: list[EngineRequest], fn) -> None:
         """A failing batch fails its own requests only; the engine and other requests carry on."""
@@ -149,6 +173,7 @@ class Engine:
             fn()
         except Exception as e:  # noqa: BLE001 - one bad batch must not kill the server
             log.exception("engine %s failed for %d requests", phase, len(reqs))
+            self._inflight = None  # a step that failed midway leaves nothing to read
             for r in reqs:
                 self._fail(r, f"internal error during {phase}: {type(e).__name__}")
 
@@ -219,23 +244,69 @@ class Engine:
         return out
 
     def _decode(self, reqs: list[EngineRequest]) -> None:
-        tokens = torch.tensor([r.last_token for r in reqs], device=self.device)
+        prev = self._inflight
+        tokens = self._next_tokens(reqs, prev)
         slots = torch.tensor([r.slot for r in reqs], device=self.device)
         if self.graphs is not None:
             logits = self.graphs.step(tokens, slots)
         else:
             logits = self.model.step(tokens, state=self.state, slots=slots)
+        for r in reqs:
+            r.fed += 1
         self.steps += 1
         self.batched_steps += len(reqs) > 1
         self.max_batch = max(self.max_batch, len(reqs))
         self.observer.on_step(len(reqs))
-        self._emit(reqs, logits)
+        lookahead = not any(r.params.presence_penalty or r.params.frequency_penalty for r in reqs)
+        if prev is not None and not lookahead:
+            self._consume(prev)  # penalties count every earlier token: read them before sampling
+            prev = None
+        sampled = pick_tokens(logits, [r.decoder for r in reqs], self._mask)
+        self._inflight = cur = self._launch_copy(reqs, sampled)
+        if prev is not None:
+            self._consume(prev)  # host work of the previous step overlaps this one on the device
+        if not lookahead:
+            self._consume(cur)
+
+    def _next_tokens(self, reqs: list[EngineRequest], prev: _Inflight | None) -> torch.Tensor:
+        """(b,) tokens to feed: from the in-flight step on the device, else the host's last token."""
+        if prev is None:
+            return torch.tensor([r.last_token for r in reqs], device=self.device)
+        if len(prev.reqs) == len(reqs) and all(a is b for a, b in zip(prev.reqs, reqs)):
+            return prev.tokens
+        pos = {id(r): i for i, r in enumerate(prev.reqs)}
+        idx = torch.tensor([pos.get(id(r), -1) for r in reqs], device=self.device)
+        host = torch.tensor([0 if id(r) in pos else r.last_token for r in reqs], device=self.device)
+        return torch.where(idx >= 0, prev.tokens[idx.clamp(min=0)], host)
+
+    def _launch_copy(self, reqs: list[EngineRequest], tokens: torch.Tensor) -> _Inflight:
+        if self._pinned is None:
+            return _Inflight(reqs, tokens, tokens, None)
+        buf = self._pinned[self._flip][: tokens.shape[0]]
+        self._flip ^= 1  # double buffer: the other one still belongs to the previous step
+        buf.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return _Inflight(reqs, tokens, buf, done)
+
+    def _consume(self, inf: _Inflight) -> None:
+        """Read an in-flight step's tokens on the host and deliver them (rows gone since are skipped)."""
+        if self._inflight is inf:
+            self._inflight = None
+        if inf.done is not None:
+            inf.done.synchronize()
+        live = {id(r) for r in self.running}
+        pairs = [(r, t) for r, t in zip(inf.reqs, inf.host.tolist())
+                 if id(r) in live and not r.aborted and not r.decoder.finished]
+        self._deliver(pairs)
 
     def _emit(self, reqs: list[EngineRequest], logits: torch.Tensor) -> None:
         """Sample one token per request (one host sync), deliver text, finish what is done."""
-        tokens = pick_tokens(logits, [r.decoder for r in reqs], self._mask).tolist()
+        self._deliver(list(zip(reqs, pick_tokens(logits, [r.decoder for r in reqs], self._mask).tolist())))
+
+    def _deliver(self, pairs: list[tuple[EngineRequest, int]]) -> None:
         now = time.monotonic()
-        for req, tok in zip(reqs, tokens):
+        for req, tok in pairs:
             text = req.decoder.accept(tok)
             if req.first_token_time is None:
                 req.first_token_time = now
@@ -251,8 +322,8 @@ class Engine:
 
     def _finish(self, req: EngineRequest, text: str, now: float) -> None:
         dec = req.decoder
-        covered = len(req.prompt_ids) + len(dec.token_ids) - 1  # the last sampled token was never fed
-        key = ([req.prompt_key] + prefix_hashes(req.scope, dec.token_ids[:-1], req.prompt_key))[-1]
+        covered = len(req.prompt_ids) + req.fed  # the slot holds the prompt and the tokens fed so far
+        key = ([req.prompt_key] + prefix_hashes(req.scope, dec.token_ids[: req.fed], req.prompt_key))[-1]
         self.cache.store(req.scope, req.session_id, key, covered,
                          self.state.read(req.slot))
         out = EngineOutput(req.request_id, text, [dec.token_ids[-1]], True, dec.finish_reason, len(req.prompt_ids),

@@ -55,7 +55,8 @@ class EngineRequest:
     admit_time: float | None = None
     cached_tokens: int = 0
     decoder: object = None
-    last_token: int | None = None
+    last_token: int | None = None  # the latest token the host has seen (its step may be in flight)
+    fed: int = 0  # generated tokens already fed into the slot's state by launched decode steps
     first_token_time: float | None = None
     last_token_time: float | None = None
     aborted: bool = False
