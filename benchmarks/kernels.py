@@ -111,6 +111,29 @@ def step_rows() -> list[dict]:
     return rows
 
 
+def linear_rows(sweep: bool) -> list[dict]:
+    """The decode step's projections at a few rows: our Triton GEMV vs cuBLAS (torch's F.linear)."""
+    from kernels.triton.linear import small_linear_triton
+
+    rows, g = [], torch.Generator(device="cuda").manual_seed(3)
+    shapes = {"in_proj": (2 * D_IN, D_MODEL), "x_proj": (R + 2 * N, D_IN), "out_proj": (D_MODEL, D_IN),
+              "lm_head": (50280, D_MODEL)}
+    configs = [None] + ([(bn, bk, st, w) for bn in (16, 32, 64) for bk in (128, 256) for st, w in ((3, 4), (4, 4))]
+                        if sweep else [])
+    for m in (1, 8):
+        for name, (n, k) in shapes.items():
+            x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+            w = torch.randn(n, k, device="cuda", generator=g).bfloat16()
+            gb = n * k * 2 / 1e9
+            ms = bench(lambda: torch.nn.functional.linear(x, w))
+            rows.append({"kernel": f"linear {name}", "impl": "cuBLAS", "shape": [m, n, k], "ms": ms, "TB/s": gb / ms})
+            for cfg in configs:
+                ms = bench(lambda: small_linear_triton(x, w, config=cfg))
+                rows.append({"kernel": f"linear {name}", "impl": "triton", "config": cfg, "shape": [m, n, k],
+                             "ms": ms, "TB/s": gb / ms})
+    return rows
+
+
 def _peer(name):
     try:
         return __import__("importlib").import_module(name)
@@ -124,11 +147,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None)
     ap.add_argument("--doc", default=None, help="markdown file for the table ('' for none)")
     args = ap.parse_args(argv)
-    rows = scan_rows(args.sweep) + conv_rows() + step_rows()
+    rows = scan_rows(args.sweep) + conv_rows() + step_rows() + linear_rows(args.sweep)
     result = {"benchmark": "kernels", "machine": machine("cuda"), "rows": rows}
-    table = markdown_table(["kernel", "impl", "config", "shape", "ms"],
-                           [[r["kernel"], r["impl"], str(r.get("config") or "default"), str(r["shape"]), r["ms"]]
-                            for r in rows])
+    table = markdown_table(["kernel", "impl", "config", "shape", "ms", "weight TB/s"],
+                           [[r["kernel"], r["impl"], str(r.get("config") or "default"), str(r["shape"]), r["ms"],
+                             r.get("TB/s")] for r in rows if args.sweep is False or r.get("config") is None])
     m = result["machine"]
     result["table"] = f"Machine: {m['gpu']}, torch {m['torch']}, triton {m.get('triton')}, {m['date']}.\n\n{table}"
     write_json(result, args.out)

@@ -14,6 +14,7 @@ Each op has a PyTorch reference (``*_ref``) and one public dispatcher that takes
 """
 
 from kernels._backend import BACKENDS, BackendUnavailable, resolve_backend
+from kernels.linear import small_linear, small_linear_ref
 from kernels.norm import add_rms_norm, add_rms_norm_ref
 from kernels.causal_conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update, causal_conv1d_update_ref
 from kernels.selective_scan import (
@@ -37,4 +38,6 @@ __all__ = [
     "selective_scan_ref",
     "selective_state_update",
     "selective_state_update_ref",
+    "small_linear",
+    "small_linear_ref",
 ]

@@ -5,11 +5,13 @@
 """
 
 from kernels.triton.causal_conv1d import causal_conv1d_triton, causal_conv1d_update_triton
+from kernels.triton.linear import small_linear_triton
 from kernels.triton.norm import add_rms_norm_triton
 from kernels.triton.selective_scan import selective_scan_triton
 from kernels.triton.selective_state_update import selective_state_update_triton
 
-OPS = frozenset({"add_rms_norm", "selective_scan", "selective_state_update", "causal_conv1d", "causal_conv1d_update"})
+OPS = frozenset({"add_rms_norm", "selective_scan", "selective_state_update", "causal_conv1d", "causal_conv1d_update",
+                 "small_linear"})
 
 __all__ = ["OPS", "add_rms_norm_triton", "causal_conv1d_triton", "causal_conv1d_update_triton", "selective_scan_triton",
-           "selective_state_update_triton"]
+           "selective_state_update_triton", "small_linear_triton"]

@@ -142,3 +142,16 @@ def test_fused_step_and_norm(b):
           f"norm rel err {_rel(n_tri, n_ref):.2e}")
     assert _rel(y_tri, y_ref) < 1e-2 and _rel(p_tri, p_ref) < 1e-5
     assert _rel(n_tri, n_ref) < 1e-2 and torch.equal(r_tri, r_ref)
+
+
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("n,k", [(10240, 2560), (192, 5120), (2560, 5120), (50280, 2560)])
+def test_small_linear_bf16(m, n, k):
+    from kernels import small_linear, small_linear_ref
+
+    g = torch.Generator(device="cuda").manual_seed(m + n)
+    x = torch.randn(m, 2 * k, device="cuda", generator=g).bfloat16()[:, :k]
+    w = (torch.randn(n, k, device="cuda", generator=g) * k ** -0.5).bfloat16()
+    err = _rel(small_linear(x, w, backend="triton"), small_linear_ref(x, w))
+    print(f"small_linear m={m} n={n} k={k}: rel err {err:.2e}")
+    assert err < 1e-2

@@ -132,7 +132,20 @@ def fused_cases():
                and r_tri.dtype == r_ref.dtype)
 
 
+def linear_cases():
+    # bf16 dots are checked on the GPU (tests/kernels/test_triton_gpu.py): the interpreter's bf16 dot is wrong.
+    for (m, n, k, dtype, bias) in [(1, 40, 70, torch.float32, True), (3, 33, 300, torch.float16, False),
+                                   (16, 20, 16, torch.float32, True)]:
+        r = rng(m * 5 + n)
+        x = r(m, 2 * k).to(dtype)[:, :k]  # a strided row view, as the decode step passes x
+        w, b = r(n, k).to(dtype), (r(n).to(dtype) if bias else None)
+        y_ref, y_tri = K.small_linear_ref(x, w, b), K.small_linear(x, w, b, backend="triton")
+        record("small_linear", [m, n, k], dtype, y_err=err(y_tri, y_ref), state_err=0.0,
+               y_scale=y_ref.float().abs().max().item(), same_dtype=y_tri.dtype == y_ref.dtype)
+
+
 state_update_cases()
+linear_cases()
 fused_cases()
 scan_cases()
 conv_cases()
