@@ -180,6 +180,8 @@ def serve_levels(args, url: str, levels: list[tuple[int, int]]) -> list[dict]:
         rows.append({"concurrency": c, "requests": n, "server": s})
         print(f"server c={c}: {s['output_tokens_per_s']:.1f} output tok/s, TTFT p50 "
               f"{_ms(s['ttft_s']['p50'])} ms, {s['succeeded']}/{s['requests']} ok", flush=True)
+        if not ok:  # a throughput of failures measures nothing: stop with the cause in the server log
+            raise ServerError(f"every request at concurrency {c} failed: {s['errors_by_status']}")
     return rows
 
 

@@ -54,8 +54,12 @@ def _random_vlmamba(config: VLMambaConfig, device, dtype, backend):
     from model.vlmamba import VLMamba
 
     torch.manual_seed(0)
-    with torch.device(device):  # initialise in place on the target device: no CPU copy of a 3 B model
-        model = VLMamba(config, backend, dtype=dtype).init_weights(0)
+    from model.factory import cast_model
+
+    with torch.device(device):  # initialise on the target device: no CPU copy of a 3 B model
+        model = VLMamba(config, backend).init_weights(0)
+    model.to(device)  # transformers builds the vision tower outside the device context
+    cast_model(model, dtype)
     log.info("initialised random weights at the shape of %s", config.llm)
     return model.eval()
 

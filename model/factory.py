@@ -26,12 +26,17 @@ def create_vlmamba(vision: VisionConfig, llm: MambaConfig, tokenizer, connector:
     config = VLMambaConfig(vision=vision, connector=ccfg, llm=llm, image_token_id=image_id)
     torch.manual_seed(seed)
     model = VLMamba(config, device=device).init_weights(seed)
+    return cast_model(model, dtype).eval(), VLMambaProcessor(tokenizer, image_processor_for(vision), config)
+
+
+def cast_model(model, dtype: torch.dtype | None):
+    """Cast weights to ``dtype``; the SSM dynamics (A_log, D) stay fp32 as in every checkpoint."""
     if dtype is not None:
         model.to(dtype)
-        for m in model.modules():  # SSM dynamics stay fp32
+        for m in model.modules():
             if hasattr(m, "A_log"):
                 m.A_log.data, m.D.data = m.A_log.data.float(), m.D.data.float()
-    return model.eval(), VLMambaProcessor(tokenizer, image_processor_for(vision), config)
+    return model
 
 
 def tiny_vision_config(kind: str = "siglip", image_size: int = 32, patch_size: int = 8, hidden: int = 32,

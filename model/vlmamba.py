@@ -36,7 +36,8 @@ class VLMamba(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (i, 3, H, W) -> visual embeddings (i, p, D) in the LM's dtype."""
         feats = self.vision_tower(pixel_values)
-        conn_dtype = next(self.connector.parameters()).dtype
+        # The weights' dtype, not that of the VSS layer's SSM dynamics (A_log, D), which stay fp32.
+        conn_dtype = next(p.dtype for n, p in self.connector.named_parameters() if not n.endswith(("A_log", ".D")))
         return self.connector(feats.to(conn_dtype)).to(self.llm.backbone.embedding.weight.dtype)
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -129,9 +130,10 @@ class ChatService:
             params = self._params(req, len(ids))
         finally:
             self.pending -= 1
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        queue = asyncio.Queue()
         rid = completion_id()
-        sink = lambda out: loop.call_soon_threadsafe(queue.put_nowait, out)
+        handoff = self._handoff_for(asyncio.get_running_loop())
+        sink = lambda out: handoff.put(queue, out)
         self.engine.add_request(EngineRequest(rid, ids, inputs, params, sink, scope=scope_of(api_key),
                                               session_id=session_id or req.session_id))
         return rid, queue
@@ -164,6 +166,11 @@ class ChatService:
         usage = usage_dict(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
         return completion_body(rid, self.model_name, "".join(text), out.finish_reason, usage)
 
+    def _handoff_for(self, loop) -> "Handoff":
+        if getattr(self, "_handoff", None) is None or self._handoff.loop is not loop:
+            self._handoff = Handoff(loop)
+        return self._handoff
+
     async def stream(self, rid: str, queue: asyncio.Queue, include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
         sse = lambda body: f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
@@ -171,7 +178,7 @@ class ChatService:
         try:
             yield sse(chunk_body(rid, self.model_name, created, {"role": "assistant", "content": ""}))
             while True:
-                out: EngineOutput = await queue.get()
+                out: EngineOutput = coalesce(await queue.get(), queue)
                 finished = out.finished
                 if out.error:
                     err = {"message": f"generation failed: {out.error}", "type": "server_error", "param": None,
@@ -190,3 +197,40 @@ class ChatService:
         finally:
             if not finished:
                 self.engine.abort(rid)  # the client went away (or the stream broke): free the slot
+
+
+class Handoff:
+    """Engine thread -> event loop delivery, one loop wake-up per batch of outputs.
+
+    The engine emits one output per running request per step; waking the loop for each one
+    (a self-pipe write and a callback apiece) made the loop, not the GPU, the limit at high
+    concurrency. Outputs gather here and the first of a batch schedules one flush.
+    """
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.items: list = []
+        self.lock = threading.Lock()
+
+    def put(self, queue: asyncio.Queue, out: EngineOutput) -> None:
+        with self.lock:
+            self.items.append((queue, out))
+            first = len(self.items) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self.flush)
+
+    def flush(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, out in items:
+            queue.put_nowait(out)
+
+
+def coalesce(out: EngineOutput, queue: asyncio.Queue) -> EngineOutput:
+    """Merge the outputs already waiting behind ``out`` into one (text joined, last one's ending):
+    a stream that fell behind catches up in one SSE chunk instead of one per token."""
+    while not (out.finished or out.error) and not queue.empty():
+        nxt = queue.get_nowait()
+        nxt.text, nxt.token_ids = out.text + nxt.text, out.token_ids + nxt.token_ids
+        out = nxt
+    return out

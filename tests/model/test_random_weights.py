@@ -15,7 +15,14 @@ def test_random_weights_keep_the_shape_and_ignore_the_file():
     w = "llm.backbone.layers.0.mixer.in_proj.weight"
     assert b[w].dtype == torch.bfloat16 and not torch.allclose(a[w], b[w].float())
     assert rand.llm.backbone.layers[0].mixer.A_log.dtype == torch.float32  # SSM dynamics stay fp32
-    out = generate(rand, proc, prompt="hello", params=SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert {p.dtype for n, p in rand.named_parameters() if "A_log" not in n and n.split(".")[-1] != "D"} == \
+        {torch.bfloat16}
+    from model.data.shapes import make_sample
+
+    image = make_sample("test", 0).image()
+    msgs = [{"role": "user", "content": "<image>\nwhat is there?"}]
+    out = generate(rand, proc, messages=msgs, images=[image],
+                   params=SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     assert len(out.token_ids) == 4
 
 
