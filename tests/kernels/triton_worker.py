@@ -71,6 +71,29 @@ def scan_cases():
                same_dtype=y_tri.dtype == y_ref.dtype)
 
 
+def scan_variant_cases():
+    """Both prefill-scan kernels (the step loop is the default for wide grids, the chunked scan for
+    narrow ones), forced through ``config`` at shapes where the default would pick the other."""
+    from kernels.triton.selective_scan import selective_scan_triton
+
+    for kind, cfg, dtype in [("seq", ("seq", 16, 8, 2), torch.float32), ("seq", ("seq", 32, 4, 2), torch.bfloat16),
+                             ("chunked", ("chunked", 8, 16, 4), torch.float32)]:
+        b, d, n, l = 2, 40, 16, 21
+        r = rng(len(results))
+        u, z, delta = r(b, d, l).to(dtype), r(b, d, l).to(dtype), (r(b, d, l) * 0.5).to(dtype)
+        A, B, C, D, bias = -torch.exp(r(d, n) * 0.5), r(b, n, l).to(dtype), r(b, n, l).to(dtype), r(d), r(d) * 0.1
+        pool, idx, lengths = r(b + 2, d, n), torch.tensor([3, 0]), torch.tensor([21, 9])
+        p_ref, p_tri = pool.clone(), pool.clone()
+        y_ref, _ = K.selective_scan_ref(u, delta, A, B, C, D, z, bias, True, lengths=lengths, state=p_ref,
+                                        state_indices=idx)
+        y_tri, _ = selective_scan_triton(u, delta, A, B, C, D, z, bias, True, lengths=lengths, state=p_tri,
+                                         state_indices=idx, config=cfg)
+        valid = (torch.arange(l)[None, :] < lengths[:, None])[:, None]
+        record(f"selective_scan_{kind}", cfg, dtype, y_err=err(y_tri * valid, y_ref * valid),
+               state_err=err(p_tri, p_ref), y_scale=y_ref.float().abs().max().item(),
+               same_dtype=y_tri.dtype == y_ref.dtype)
+
+
 def conv_cases():
     for (b, d, l, dtype, mode) in [(2, 40, 37, torch.float32, "pool"), (3, 24, 2, torch.bfloat16, "pool"),
                                    (1, 70, 5, torch.float32, "init"), (2, 16, 33, torch.float16, "plain")]:
@@ -148,5 +171,6 @@ state_update_cases()
 linear_cases()
 fused_cases()
 scan_cases()
+scan_variant_cases()
 conv_cases()
 json.dump(results, sys.stdout)
