@@ -221,7 +221,6 @@ def bench_mamba_ssm(args, cfg, ours_model, device) -> list[dict]:
     per_seq = sum(t.numel() * t.element_size() for pair in cache.values() for t in pair)
     rows.append({"system": "mamba-ssm", "parity": parity, "state_bytes_per_sequence": per_seq,
                  "state_dtype": "bfloat16"})
-    del peer
     return rows
 
 
@@ -265,7 +264,6 @@ def bench_transformers(args, cfg, device) -> list[dict]:
                          "prefill_tok_s": b * args.prompt / t_pre, "loop_decode_tok_s": b * args.new / (t_gen - t_pre),
                          "loop_total_s": t_gen})
             print(rows[-1], flush=True)
-    del model
     return rows
 
 

@@ -8,7 +8,6 @@ bias (n,) or None; y (m, n) in x.dtype.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from kernels._backend import needs_grad, resolve_backend
