@@ -1,9 +1,10 @@
 """Prefill selective scan in Triton: parallel over (sequence, channel block), chunked over time.
 
 Each program keeps its channels' state h (BLOCK_D, n) in fp32 registers and walks the
-sequence in chunks of T steps. Inside a chunk the recurrence h_t = a_t * h_{t-1} + b_t is an
-associative scan over (a, b) pairs along time, so the T steps run in log2(T) parallel rounds
-instead of T dependent ones; the chunk's end state carries into the next chunk.
+sequence in chunks of T steps, in one of two ways (``_config`` picks by grid size): a step
+loop, the T steps unrolled so their loads are in flight together; or the recurrence
+h_t = a_t * h_{t-1} + b_t as an associative scan over (a, b) pairs along time, the T steps
+in log2(T) parallel rounds. Either way the chunk's end state carries into the next chunk.
 
 Inputs are read through their strides, so the channel-last views the mixer produces
 (``in_proj(h).transpose(1, 2)``) need no copies, and y is written channel-last for out_proj.
@@ -19,9 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
-
 @triton.jit
 def _linear_combine(a1, b1, a2, b2):
     # (a1, b1) then (a2, b2): h -> a2 * (a1 * h + b1) + b2
@@ -34,7 +32,7 @@ def _scan_kernel(u, delta, A, B, C, D, z, bias, y, h_in, h_out, idx, lens,
                  s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
                  s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_hb, s_hd, s_ob, s_od,
                  HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                 HAS_H0: tl.constexpr, HAS_IDX: tl.constexpr, HAS_LENS: tl.constexpr,
+                 HAS_H0: tl.constexpr, HAS_IDX: tl.constexpr, HAS_LENS: tl.constexpr, STEP_LOOP: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr):
     b, pid_d = tl.program_id(0), tl.program_id(1)
     row = tl.load(idx + b).to(tl.int64) if HAS_IDX else b.to(tl.int64)  # state row for this sequence
@@ -57,86 +55,59 @@ def _scan_kernel(u, delta, A, B, C, D, z, bias, y, h_in, h_out, idx, lens,
     u_b, t_b, z_b, y_b = u + b * s_ub, delta + b * s_tb, z + b * s_zb, y + b * s_yb
     B_b, C_b = B + b * s_Bb, C + b * s_Cb
     for t0 in range(0, l, T):
-        t = t0 + rt
-        mt = t < l
-        mdt = md[:, None] & mt[None, :]
-        mnt = mn[:, None] & mt[None, :]
-        uu = tl.load(u_b + rd[:, None] * s_ud + t[None, :] * s_ul, mask=mdt, other=0.0).to(tl.float32)
-        dt = tl.load(t_b + rd[:, None] * s_td + t[None, :] * s_tl, mask=mdt, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt += bv[:, None]
-        if SOFTPLUS:  # torch's softplus: identity above 20
-            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-        dt = tl.where((t < length)[None, :], dt, 0.0)  # (BLOCK_D, T); 0 past the row's end
-        Bt = tl.load(B_b + rn[:, None] * s_Bn + t[None, :] * s_Bl, mask=mnt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_b + rn[:, None] * s_Cn + t[None, :] * s_Cl, mask=mnt, other=0.0).to(tl.float32)
-        da = tl.exp2(dt[:, None, :] * a2[:, :, None])  # (BLOCK_D, BLOCK_N, T)
-        dbu = (dt * uu)[:, None, :] * Bt[None, :, :]  # (BLOCK_D, BLOCK_N, T)
-        ca, cb = tl.associative_scan((da, dbu), axis=2, combine_fn=_linear_combine)
-        hs = ca * h[:, :, None] + cb  # state after each step of the chunk
-        yy = tl.sum(hs * Ct[None, :, :], axis=1)  # (BLOCK_D, T)
-        # The chunk's last column is the carried state (tail steps past l have delta 0).
-        h = tl.sum(tl.where((rt == T - 1)[None, None, :], hs, 0.0), axis=2)
-        if HAS_D:
-            yy += uu * dv[:, None]
-        if HAS_Z:
-            zz = tl.load(z_b + rd[:, None] * s_zd + t[None, :] * s_zl, mask=mdt, other=0.0).to(tl.float32)
-            yy *= zz * tl.sigmoid(zz)
-        tl.store(y_b + rd[:, None] * s_yd + t[None, :] * s_yl, yy, mask=mdt)
-    tl.store(h_out + row * s_ob + rd[:, None] * s_od + rn[None, :], h, mask=m2)
-
-
-@triton.jit
-def _scan_seq_kernel(u, delta, A, B, C, D, z, bias, y, h_in, h_out, idx, lens,
-                     d, l, n,
-                     s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
-                     s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_hb, s_hd, s_ob, s_od,
-                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                     HAS_H0: tl.constexpr, HAS_IDX: tl.constexpr, HAS_LENS: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr):
-    # Step by step with the state in registers; the T steps of a chunk are unrolled so their
-    # loads (which do not depend on the state) are all in flight before the first update.
-    b, pid_d = tl.program_id(0), tl.program_id(1)
-    row = tl.load(idx + b).to(tl.int64) if HAS_IDX else b.to(tl.int64)
-    rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    rn = tl.arange(0, BLOCK_N)
-    md, mn = rd < d, rn < n
-    m2 = md[:, None] & mn[None, :]
-    length = tl.load(lens + b) if HAS_LENS else l
-    a2 = tl.load(A + rd[:, None] * s_Ad + rn[None, :], mask=m2, other=0.0).to(tl.float32) * 1.4426950408889634
-    if HAS_H0:
-        h = tl.load(h_in + row * s_hb + rd[:, None] * s_hd + rn[None, :], mask=m2, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-    if HAS_D:
-        dv = tl.load(D + rd, mask=md, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bv = tl.load(bias + rd, mask=md, other=0.0).to(tl.float32)
-    u_b, t_b, z_b, y_b = u + b * s_ub, delta + b * s_tb, z + b * s_zb, y + b * s_yb
-    B_b, C_b = B + b * s_Bb, C + b * s_Cb
-    for t0 in range(0, l, T):
-        for i in tl.static_range(T):
-            t = t0 + i
-            mdt = md & ((rd * 0 + t) < l)
-            mnt = mn & ((rn * 0 + t) < l)
-            uu = tl.load(u_b + rd * s_ud + t * s_ul, mask=mdt, other=0.0).to(tl.float32)
-            dt = tl.load(t_b + rd * s_td + t * s_tl, mask=mdt, other=0.0).to(tl.float32)
-            Bt = tl.load(B_b + rn * s_Bn + t * s_Bl, mask=mnt, other=0.0).to(tl.float32)
-            Ct = tl.load(C_b + rn * s_Cn + t * s_Cl, mask=mnt, other=0.0).to(tl.float32)
-            if HAS_Z:
-                zz = tl.load(z_b + rd * s_zd + t * s_zl, mask=mdt, other=0.0).to(tl.float32)
+        if STEP_LOOP:
+            # Step by step with the state in registers; the chunk's T steps are unrolled so their
+            # loads (which do not depend on the state) are all in flight before the first update.
+            for i in tl.static_range(T):
+                t = t0 + i
+                mdt = md & ((rd * 0 + t) < l)
+                mnt = mn & ((rn * 0 + t) < l)
+                uu = tl.load(u_b + rd * s_ud + t * s_ul, mask=mdt, other=0.0).to(tl.float32)
+                dt = tl.load(t_b + rd * s_td + t * s_tl, mask=mdt, other=0.0).to(tl.float32)
+                Bt = tl.load(B_b + rn * s_Bn + t * s_Bl, mask=mnt, other=0.0).to(tl.float32)
+                Ct = tl.load(C_b + rn * s_Cn + t * s_Cl, mask=mnt, other=0.0).to(tl.float32)
+                if HAS_Z:
+                    zz = tl.load(z_b + rd * s_zd + t * s_zl, mask=mdt, other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    dt += bv
+                if SOFTPLUS:  # torch's softplus: identity above 20
+                    dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+                dt = tl.where((rd * 0 + t) < length, dt, 0.0)  # 0 past the row's end
+                h = tl.exp2(dt[:, None] * a2) * h + (dt * uu)[:, None] * Bt[None, :]
+                yy = tl.sum(h * Ct[None, :], axis=1)
+                if HAS_D:
+                    yy += uu * dv
+                if HAS_Z:
+                    yy *= zz * tl.sigmoid(zz)
+                tl.store(y_b + rd * s_yd + t * s_yl, yy, mask=mdt)
+        else:
+            # The chunk as an associative scan over (a, b) pairs along time.
+            t = t0 + rt
+            mt = t < l
+            mdt = md[:, None] & mt[None, :]
+            mnt = mn[:, None] & mt[None, :]
+            uu = tl.load(u_b + rd[:, None] * s_ud + t[None, :] * s_ul, mask=mdt, other=0.0).to(tl.float32)
+            dt = tl.load(t_b + rd[:, None] * s_td + t[None, :] * s_tl, mask=mdt, other=0.0).to(tl.float32)
             if HAS_BIAS:
-                dt += bv
+                dt += bv[:, None]
             if SOFTPLUS:
                 dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-            dt = tl.where((rd * 0 + t) < length, dt, 0.0)
-            h = tl.exp2(dt[:, None] * a2) * h + (dt * uu)[:, None] * Bt[None, :]
-            yy = tl.sum(h * Ct[None, :], axis=1)
+            dt = tl.where((t < length)[None, :], dt, 0.0)  # (BLOCK_D, T)
+            Bt = tl.load(B_b + rn[:, None] * s_Bn + t[None, :] * s_Bl, mask=mnt, other=0.0).to(tl.float32)
+            Ct = tl.load(C_b + rn[:, None] * s_Cn + t[None, :] * s_Cl, mask=mnt, other=0.0).to(tl.float32)
+            da = tl.exp2(dt[:, None, :] * a2[:, :, None])  # (BLOCK_D, BLOCK_N, T)
+            dbu = (dt * uu)[:, None, :] * Bt[None, :, :]  # (BLOCK_D, BLOCK_N, T)
+            ca, cb = tl.associative_scan((da, dbu), axis=2, combine_fn=_linear_combine)
+            hs = ca * h[:, :, None] + cb  # state after each step of the chunk
+            yy = tl.sum(hs * Ct[None, :, :], axis=1)  # (BLOCK_D, T)
+            # The chunk's last column is the carried state (tail steps past l have delta 0).
+            h = tl.sum(tl.where((rt == T - 1)[None, None, :], hs, 0.0), axis=2)
             if HAS_D:
-                yy += uu * dv
+                yy += uu * dv[:, None]
             if HAS_Z:
+                zz = tl.load(z_b + rd[:, None] * s_zd + t[None, :] * s_zl, mask=mdt, other=0.0).to(tl.float32)
                 yy *= zz * tl.sigmoid(zz)
-            tl.store(y_b + rd * s_yd + t * s_yl, yy, mask=mdt)
+            tl.store(y_b + rd[:, None] * s_yd + t[None, :] * s_yl, yy, mask=mdt)
     tl.store(h_out + row * s_ob + rd[:, None] * s_od + rn[None, :], h, mask=m2)
 
 
@@ -179,8 +150,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     dummy = h_out
     zz = z if z is not None else u
     grid = (b, triton.cdiv(d, block_d))
-    kernel = _scan_kernel if kind == "chunked" else _scan_seq_kernel
-    kernel[grid](
+    _scan_kernel[grid](
         u, delta, A, B, C, D if D is not None else dummy, zz, delta_bias if delta_bias is not None else dummy,
         y, h_in, h_out, state_indices if state_indices is not None else dummy,
         lengths if lengths is not None else dummy, d, l, n,
@@ -188,5 +158,6 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         h_in.stride(0), h_in.stride(1), h_out.stride(0), h_out.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         HAS_H0=state is not None or initial_state is not None, HAS_IDX=state_indices is not None,
-        HAS_LENS=lengths is not None, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(n), T=T, num_warps=warps)
+        HAS_LENS=lengths is not None, STEP_LOOP=kind == "seq", BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(n),
+        T=T, num_warps=warps)
     return y, (None if state is not None else h_out)
