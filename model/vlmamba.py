@@ -17,28 +17,19 @@ from model.state import InferenceState
 from model.vision import VisionTower
 
 
-class VLMamba(nn.Module):
-    def __init__(self, config: VLMambaConfig, backend: str = "auto", device=None, dtype=None):
-        super().__init__()
-        self.config = config
-        self.vision_tower = VisionTower(config.vision, device=device, dtype=dtype)
-        self.connector = Connector(config.connector, backend, device=device, dtype=dtype)
-        self.llm = MambaLM(config.llm, backend, device=device, dtype=dtype)
+class SplicedVLM(nn.Module):
+    """An image encoder's embeddings spliced into a Mamba LM at placeholder positions: what the
+    engine calls (``allocate_state``, ``embed``, ``forward``, ``step``). Subclasses set
+    ``config`` (with ``image_token_id``) and ``llm``, and implement ``encode_images``."""
 
-    def set_backend(self, backend: str) -> None:
-        self.llm.set_backend(backend)
-        if self.config.connector.kind != "mlp":
-            self.connector.vss.mixer.backend = backend
+    config: object
+    llm: MambaLM
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def allocate_state(self, num_slots: int, dtype=None, device=None, ssm_dtype=torch.float32) -> InferenceState:
         return self.llm.allocate_state(num_slots, dtype, device, ssm_dtype)
-
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (i, 3, H, W) -> visual embeddings (i, p, D) in the LM's dtype."""
-        feats = self.vision_tower(pixel_values)
-        # The weights' dtype, not that of the VSS layer's SSM dynamics (A_log, D), which stay fp32.
-        conn_dtype = next(p.dtype for n, p in self.connector.named_parameters() if not n.endswith(("A_log", ".D")))
-        return self.connector(feats.to(conn_dtype)).to(self.llm.backbone.embedding.weight.dtype)
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (b, l) -> (b, l, D) with image positions replaced, in row-major order, by
@@ -57,7 +48,7 @@ class VLMamba(nn.Module):
                 image_embeds: torch.Tensor | None = None, state: InferenceState | None = None,
                 slots: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
-        """Prefill over text and images. input_ids (b, l); pixel_values (i, 3, H, W) or
+        """Prefill over text and images. input_ids (b, l); pixel_values (i, C, H, W) or
         precomputed image_embeds (i, p, D). Returns logits (b, l, V), or (b, V) with ``last_only``;
         with ``state``/``slots`` the final recurrent states land in those slots."""
         if pixel_values is not None and image_embeds is None:
@@ -68,6 +59,27 @@ class VLMamba(nn.Module):
     def step(self, input_ids: torch.Tensor, *, state: InferenceState, slots: torch.Tensor) -> torch.Tensor:
         """One decode step: input_ids (b,), slots (b,) -> logits (b, V)."""
         return self.llm.step(input_ids, state=state, slots=slots)
+
+
+class VLMamba(SplicedVLM):
+    def __init__(self, config: VLMambaConfig, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.vision_tower = VisionTower(config.vision, device=device, dtype=dtype)
+        self.connector = Connector(config.connector, backend, device=device, dtype=dtype)
+        self.llm = MambaLM(config.llm, backend, device=device, dtype=dtype)
+
+    def set_backend(self, backend: str) -> None:
+        self.llm.set_backend(backend)
+        if self.config.connector.kind != "mlp":
+            self.connector.vss.mixer.backend = backend
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (i, 3, H, W) -> visual embeddings (i, p, D) in the LM's dtype."""
+        feats = self.vision_tower(pixel_values)
+        # The weights' dtype, not that of the VSS layer's SSM dynamics (A_log, D), which stay fp32.
+        conn_dtype = next(p.dtype for n, p in self.connector.named_parameters() if not n.endswith(("A_log", ".D")))
+        return self.connector(feats.to(conn_dtype)).to(self.llm.backbone.embedding.weight.dtype)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> "VLMamba":

@@ -20,7 +20,7 @@ from torch import nn
 from model.cobra.config import CobraConfig
 from model.cobra.vit import TimmViT
 from model.mamba import MambaLM
-from model.state import InferenceState
+from model.vlmamba import SplicedVLM
 
 
 class VisionBackbone(nn.Module):
@@ -64,9 +64,9 @@ class Projector(nn.Module):
         return self.projector(patches)
 
 
-class CobraVLM(nn.Module):
-    """The interface of :class:`~model.vlmamba.VLMamba` (``encode_images``, ``embed``, ``forward``,
-    ``step``, ``allocate_state``) over Cobra's parts, so the engine serves it unchanged."""
+class CobraVLM(SplicedVLM):
+    """Cobra's parts behind :class:`~model.vlmamba.SplicedVLM`, so the engine serves it unchanged:
+    ``embed`` puts the projected patches at the placeholder ids the processor leads the prompt with."""
 
     def __init__(self, config: CobraConfig, backend: str = "auto", device=None, dtype=None):
         super().__init__()
@@ -82,39 +82,8 @@ class CobraVLM(nn.Module):
     def set_backend(self, backend: str) -> None:
         self.llm.set_backend(backend)
 
-    def allocate_state(self, num_slots: int, dtype=None, device=None, ssm_dtype=torch.float32) -> InferenceState:
-        return self.llm.allocate_state(num_slots, dtype, device, ssm_dtype)
-
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (i, 3k, S, S) -> projected patch embeddings (i, p, D) in the LM's dtype."""
         feats = self.vision_backbone(pixel_values)
         proj_dtype = next(self.projector.parameters()).dtype
         return self.projector(feats.to(proj_dtype)).to(self.llm.backbone.embedding.weight.dtype)
-
-    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (b, l) -> (b, l, D); placeholder positions take ``image_embeds`` (i, p, D)
-        in row-major order (the images of row 0 first)."""
-        is_image = input_ids == self.config.image_token_id
-        embeds = self.llm.backbone.embedding(input_ids.masked_fill(is_image, 0))
-        n = int(is_image.sum())
-        if n == 0:
-            return embeds
-        got = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
-        if got != n:
-            raise ValueError(f"{n} image positions in input_ids but {got} patch embeddings")
-        return embeds.masked_scatter(is_image[..., None], image_embeds.to(embeds.dtype))
-
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                image_embeds: torch.Tensor | None = None, state: InferenceState | None = None,
-                slots: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """Prefill. input_ids (b, l); pixel_values (i, 3k, S, S) or image_embeds (i, p, D).
-        Returns logits (b, l, V), or (b, V) with ``last_only``; final states land in ``slots``."""
-        if pixel_values is not None and image_embeds is None:
-            image_embeds = self.encode_images(pixel_values)
-        embeds = self.embed(input_ids, image_embeds)
-        return self.llm(inputs_embeds=embeds, state=state, slots=slots, lengths=lengths, last_only=last_only)
-
-    def step(self, input_ids: torch.Tensor, *, state: InferenceState, slots: torch.Tensor) -> torch.Tensor:
-        """One decode step: input_ids (b,), slots (b,) -> logits (b, V)."""
-        return self.llm.step(input_ids, state=state, slots=slots)
