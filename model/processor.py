@@ -28,7 +28,21 @@ class EncodedPrompt:
         return f"EncodedPrompt(len={len(self.input_ids)}, images={self.num_images})"
 
 
-class VLMambaProcessor:
+class PromptEncoder:
+    """``encode`` / ``encode_messages`` over a processor's ``apply_chat_template``, ``tokenize``
+    and ``preprocess_images`` (the interface the engine and the server call)."""
+
+    def encode(self, text: str, images: list | None = None) -> EncodedPrompt:
+        images = images or []
+        return EncodedPrompt(self.tokenize(text, len(images)), self.preprocess_images(images))
+
+    def encode_messages(self, messages: list[dict], images: list | None = None,
+                        add_generation_prompt: bool = True) -> EncodedPrompt:
+        """Render OpenAI-style messages with the chat template and encode them with ``images`` (in order)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), images)
+
+
+class VLMambaProcessor(PromptEncoder):
     def __init__(self, tokenizer, image_processor, config: VLMambaConfig):
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.image_token = config.image_token
@@ -77,12 +91,3 @@ class VLMambaProcessor:
         for t in ids:
             out.extend([t] * self.num_image_tokens if t == self.image_token_id else [t])
         return out
-
-    def encode(self, text: str, images: list | None = None) -> EncodedPrompt:
-        images = images or []
-        return EncodedPrompt(self.tokenize(text, len(images)), self.preprocess_images(images))
-
-    def encode_messages(self, messages: list[dict], images: list | None = None,
-                        add_generation_prompt: bool = True) -> EncodedPrompt:
-        """Render OpenAI-style messages with the chat template and encode them with ``images`` (in order)."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), images)

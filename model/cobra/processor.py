@@ -16,12 +16,12 @@ import torch
 from model.cobra.image import CobraImageTransform
 from model.cobra.prompt import render_prompt
 from model.errors import ImageCountMismatch, InvalidRequest
-from model.processor import EncodedPrompt
+from model.processor import PromptEncoder
 
 IMAGE_TOKEN = "<image>"
 
 
-class CobraProcessor:
+class CobraProcessor(PromptEncoder):
     image_token = IMAGE_TOKEN
 
     def __init__(self, tokenizer, transform: CobraImageTransform, prompt_format: str, num_image_tokens: int):
@@ -65,11 +65,3 @@ class CobraProcessor:
                                  param="messages", code="too_many_images")
         ids = self.tokenizer(text.replace(IMAGE_TOKEN, ""))["input_ids"]
         return [self.image_token_id] * (self.num_image_tokens * num_images) + ids
-
-    def encode(self, text: str, images: list | None = None) -> EncodedPrompt:
-        images = images or []
-        return EncodedPrompt(self.tokenize(text, len(images)), self.preprocess_images(images))
-
-    def encode_messages(self, messages: list[dict], images: list | None = None,
-                        add_generation_prompt: bool = True) -> EncodedPrompt:
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), images)
