@@ -30,9 +30,7 @@ from model.config import MambaConfig
 
 
 def lm_config(args) -> MambaConfig:
-    from model.checkpoint_vlm import load_config
-
-    cfg = load_config(PRESET).llm
+    cfg = _preset_config().llm
     if args.layers or args.d_model:
         cfg = MambaConfig(d_model=args.d_model or cfg.d_model, n_layer=args.layers or cfg.n_layer,
                           vocab_size=cfg.vocab_size)

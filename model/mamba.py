@@ -88,7 +88,6 @@ class MambaMixer(nn.Module):
     def step(self, hidden: torch.Tensor, state: InferenceState, slots: torch.Tensor) -> torch.Tensor:
         """One decode step. hidden: (b, D), slots: (b,) -> (b, D); updates the slots in place."""
         conv_pool, ssm_pool = state.layer(self.layer_idx)
-        be = self.backend
         # The projections stay on cuBLAS: our GEMV (kernels.small_linear) matched it, not beat it, on
         # these shapes in benchmarks/kernels.py; it is faster only for the LM head.
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, d) each
@@ -101,7 +100,7 @@ class MambaMixer(nn.Module):
         dt = dt_low if fuse else F.linear(dt_low, self.dt_proj.weight)
         y = selective_state_update(ssm_pool, x, dt, self.A_log, B, C, self.D, z, self.dt_proj.bias, True,
                                    state_indices=slots, dt_proj_weight=self.dt_proj.weight if fuse else None,
-                                   A_is_log=True, backend=be)
+                                   A_is_log=True, backend=self.backend)
         return self.out_proj(y)
 
 

@@ -31,6 +31,7 @@ class ChatService:
         self.engine, self.processor, self.fetcher = engine, processor, fetcher
         self.settings, self.metrics, self.model_name = settings, metrics, model_name
         self.pending = 0  # admitted, still fetching or tokenizing, not yet in the engine
+        self._handoff: Handoff | None = None  # engine -> event loop delivery, made on the serving loop
 
     # ---- validation and admission ------------------------------------------------------------
     def check(self, req: ChatCompletionRequest) -> None:
@@ -167,7 +168,7 @@ class ChatService:
         return completion_body(rid, self.model_name, "".join(text), out.finish_reason, usage)
 
     def _handoff_for(self, loop) -> "Handoff":
-        if getattr(self, "_handoff", None) is None or self._handoff.loop is not loop:
+        if self._handoff is None or self._handoff.loop is not loop:
             self._handoff = Handoff(loop)
         return self._handoff
 
