@@ -41,27 +41,16 @@ def load_vlmamba(path: str | Path, device="cpu", dtype: torch.dtype | None = Non
         return load_cobra(path, device=device, dtype=dtype, backend=backend)
     config = load_config(path)
     if random_weights:
-        return _random_vlmamba(config, device, dtype, backend), VLMambaProcessor.from_pretrained(path, config)
+        from model.factory import random_vlmamba
+
+        log.info("initialising random weights at the shape of %s", config.llm)
+        return random_vlmamba(config, 0, dtype, device, backend), VLMambaProcessor.from_pretrained(path, config)
     sd = load_state_dict(path)
     llm = {k[4:]: v for k, v in sd.items() if k.startswith("llm.")}
     sd = {k: v for k, v in sd.items() if not k.startswith("llm.")}
     sd.update({"llm." + k: v for k, v in lm_state_dict_for_load(llm, config.llm).items()})
     model = assign_weights(lambda: VLMamba(config, backend), sd, device, dtype)
     return model, VLMambaProcessor.from_pretrained(path, config)
-
-
-def _random_vlmamba(config: VLMambaConfig, device, dtype, backend):
-    from model.vlmamba import VLMamba
-
-    torch.manual_seed(0)
-    from model.factory import cast_model
-
-    with torch.device(device):  # initialise on the target device: no CPU copy of a 3 B model
-        model = VLMamba(config, backend).init_weights(0)
-    model.to(device)  # transformers builds the vision tower outside the device context
-    cast_model(model, dtype)
-    log.info("initialised random weights at the shape of %s", config.llm)
-    return model.eval()
 
 
 def save_vlmamba(model, path: str | Path, processor=None) -> None:

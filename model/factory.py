@@ -16,7 +16,6 @@ def create_vlmamba(vision: VisionConfig, llm: MambaConfig, tokenizer, connector:
     from model.checkpoint_vlm import prepare_tokenizer
     from model.processor import VLMambaProcessor
     from model.vision import image_processor_for
-    from model.vlmamba import VLMamba
 
     image_id = prepare_tokenizer(tokenizer)
     if len(tokenizer) > llm.padded_vocab_size:
@@ -24,9 +23,17 @@ def create_vlmamba(vision: VisionConfig, llm: MambaConfig, tokenizer, connector:
     ccfg = ConnectorConfig(kind=connector, scan=scan, vision_dim=vision.hidden_size, llm_dim=llm.d_model,
                            **connector_kw)
     config = VLMambaConfig(vision=vision, connector=ccfg, llm=llm, image_token_id=image_id)
+    return random_vlmamba(config, seed, dtype, device), VLMambaProcessor(tokenizer, image_processor_for(vision), config)
+
+
+def random_vlmamba(config: VLMambaConfig, seed: int = 0, dtype: torch.dtype | None = None, device="cpu",
+                   backend: str = "auto"):
+    """A VL-Mamba of ``config`` with random weights, built on ``device`` (no CPU copy of a large model)."""
+    from model.vlmamba import VLMamba
+
     torch.manual_seed(seed)
-    model = VLMamba(config, device=device).init_weights(seed)
-    return cast_model(model, dtype).eval(), VLMambaProcessor(tokenizer, image_processor_for(vision), config)
+    model = VLMamba(config, backend, device=device).init_weights(seed)
+    return cast_model(model, dtype).eval()
 
 
 def cast_model(model, dtype: torch.dtype | None):

@@ -78,8 +78,8 @@ class Engine:
         self.device = model.llm.backbone.embedding.weight.device
         use_graphs = self.config.cuda_graphs and self.device.type == "cuda"
         # With graphs, one extra slot past the engine's own takes the writes of padding rows.
-        ssm_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.config.state_dtype]
-        self.state = model.allocate_state(self.config.max_num_seqs + use_graphs, ssm_dtype=ssm_dtype)
+        self.state = model.allocate_state(self.config.max_num_seqs + use_graphs,
+                                          ssm_dtype=getattr(torch, self.config.state_dtype))
         self.graphs = None
         if use_graphs:
             from model.graphs import GraphDecoder

@@ -37,3 +37,13 @@ def test_graph_buckets():
     assert buckets_for(16) == [1, 2, 4, 8, 16]
     assert buckets_for(20) == [1, 2, 4, 8, 16, 20]
     assert buckets_for(1000) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+def test_random_model_is_built_on_the_requested_device():
+    """Every part, the transformers vision tower included, is created on the device asked for (meta
+    here: the 3.2 B-parameter preset without allocating it), so a GPU model never sits half on the CPU."""
+    from model.factory import random_vlmamba
+
+    model = random_vlmamba(load_config("model/configs/vlmamba-2.8b-so400m"), device="meta", dtype=torch.bfloat16)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert sum(p.numel() for p in model.parameters()) > 3e9
