@@ -1,4 +1,5 @@
 import time
+import torch
 
 import pytest
 
@@ -99,3 +100,21 @@ def test_abort_frees_the_slot_and_faults_fail_only_their_batch(engine, demo):
     assert bad.final.finish_reason == "error" and "internal error" in bad.final.error
     assert good.final.finish_reason == "stop" and good.text
     assert engine.alive and engine.slots_used() == 0
+
+
+def test_bf16_state_storage_answers_the_same(demo):
+    model, proc = demo
+    with pytest.raises(ValueError, match="state_dtype"):
+        EngineConfig(state_dtype="float16")
+    eng = Engine(model, proc, EngineConfig(max_num_seqs=4, max_prefill_seqs=4, state_dtype="bfloat16"))
+    eng.start()
+    try:
+        samples = [make_sample("test", i) for i in range(4)]
+        cols = [Collector() for _ in samples]
+        for i, (s, c) in enumerate(zip(samples, cols)):
+            eng.add_request(make_request(proc, f"b{i}", [user(s.qas[0].question)], [s.image()], c))
+        _wait(cols)
+        assert eng.state.ssm.dtype == torch.bfloat16
+        assert [c.text for c in cols] == [s.qas[0].answer for s in samples]
+    finally:
+        eng.shutdown()
