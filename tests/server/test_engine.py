@@ -1,7 +1,7 @@
 import time
-import torch
 
 import pytest
+import torch
 
 from model.data.shapes import make_sample
 from server.engine import Engine, EngineConfig
