@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -77,8 +79,6 @@ class _TooLarge(Exception):
 def draining_server(config, grace: float):
     """A uvicorn server with a drain phase: on SIGTERM/SIGINT the app answers new requests with 503
     while running ones finish (up to ``grace`` seconds), then uvicorn shuts down as usual."""
-    import asyncio
-
     import uvicorn
 
     class _Server(uvicorn.Server):
@@ -100,9 +100,29 @@ def draining_server(config, grace: float):
     return _Server(config)
 
 
+async def _start_engine(settings: ServerSettings, loaded, cfg, metrics):
+    """The engine in its own process when the server loads the model itself (the default), else
+    in a thread of this one. Returns ``(engine, processor, model name)`` once the engine runs."""
+    from server.engine import Engine, EngineProcess
+
+    if loaded is None and not settings.no_engine_process:
+        engine = EngineProcess(partial(load_model, settings), cfg, metrics)
+        await asyncio.to_thread(engine.start)  # the child loads the model; this process never touches CUDA
+        proc, name, device = engine.processor, engine.model_name, engine.device
+    else:
+        model, proc, name = loaded or load_model(settings)
+        engine = Engine(model, proc, cfg, metrics)
+        engine.start()
+        device = engine.device
+    log.info("serving %s on %s with %d state slots (engine %s)", name, device, settings.max_num_seqs,
+             f"process {engine.pid}" if isinstance(engine, EngineProcess) else "thread")
+    return engine, proc, name
+
+
 def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
-    """``loaded``: an already loaded ``(model, processor, name)`` (tests share one model)."""
-    from server.engine import Engine, EngineConfig
+    """``loaded``: an already loaded ``(model, processor, name)`` (tests share one model); the
+    engine then runs in a thread of this process."""
+    from server.engine import EngineConfig
     from server.images import ImageFetcher, ImageLimits
     from server.metrics import Metrics
     from server.serving import ChatService
@@ -111,25 +131,21 @@ def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        model, proc, name = loaded or load_model(settings)
         metrics = Metrics()
         cfg = EngineConfig(settings.max_num_seqs, settings.max_prefill_seqs, int(settings.state_cache_gb * 2**30),
                            cuda_graphs=not settings.no_cuda_graphs, state_dtype=settings.state_dtype)
-        engine = Engine(model, proc, cfg, metrics)
+        engine, proc, name = await _start_engine(settings, loaded, cfg, metrics)
         metrics.attach(engine)
         limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
                              timeout_s=settings.image_fetch_timeout, allow_private=settings.allow_private_image_urls,
                              allowed_domains=tuple(d.strip() for d in (settings.image_domains or "").split(",")
                                                    if d.strip()))
         fetcher = ImageFetcher(limits)
-        engine.start()
         app.state.engine = engine  # for operators' hooks and tests (e.g. fault injection)
         state.update(engine=engine, metrics=metrics, name=name, started=int(time.time()),
                      chat=ChatService(engine, proc, fetcher, settings, metrics, name))
-        log.info("serving %s on %s with %d state slots", name, model.llm.backbone.embedding.weight.device,
-                 settings.max_num_seqs)
         yield
-        engine.shutdown()
+        await asyncio.to_thread(engine.shutdown)
         await fetcher.aclose()
 
     app = FastAPI(title="vlmamba-serve", version="0.1.0", lifespan=lifespan,
@@ -154,6 +170,8 @@ def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
                                x_session_id: str | None = Header(default=None)):
         if getattr(app.state, "draining", False):
             raise Unavailable("the server is shutting down; retry on another replica")
+        if not state["engine"].alive:
+            raise Unavailable("the engine is not running; retry on another replica")
         chat = state["chat"]
         chat.check(body)
         chat.admit()

@@ -1,12 +1,13 @@
 """Prometheus metrics (prefix ``vlmamba_``) in a registry of the app's own.
 
-The engine reports through the :class:`~server.engine.engine.Observer` hooks (from its
-thread; prometheus-client is thread-safe); gauges and cache counters are read at scrape time.
+The engine reports through the :class:`~server.engine.engine.Observer` hooks (from its thread,
+or replayed by the reader thread of the engine process; prometheus-client is thread-safe);
+gauges and cache counters are read from ``engine.stats()`` at scrape time.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from server.engine.engine import Observer
@@ -19,16 +20,16 @@ class _EngineCollector:
         self.engine = engine
 
     def collect(self):
-        e, c = self.engine, self.engine.cache
-        yield GaugeMetricFamily("vlmamba_requests_running", "Sequences holding a state slot", e.num_running())
-        yield GaugeMetricFamily("vlmamba_requests_waiting", "Requests waiting for a state slot", e.num_waiting())
-        yield GaugeMetricFamily("vlmamba_state_slots_used", "State slots in use", e.slots_used())
-        yield GaugeMetricFamily("vlmamba_state_slots_total", "State slots in the pool", e.config.max_num_seqs)
-        yield GaugeMetricFamily("vlmamba_state_cache_bytes", "Bytes of cached session states", c.bytes)
-        yield GaugeMetricFamily("vlmamba_state_cache_entries", "Cached session states", len(c))
-        yield CounterMetricFamily("vlmamba_state_cache_hits", "Prompts resumed from a cached state", c.hits)
-        yield CounterMetricFamily("vlmamba_state_cache_misses", "Prompts with no cached prefix", c.misses)
-        yield CounterMetricFamily("vlmamba_state_cache_evictions", "Cached states evicted", c.evictions)
+        s = self.engine.stats()
+        yield GaugeMetricFamily("vlmamba_requests_running", "Sequences holding a state slot", s.running)
+        yield GaugeMetricFamily("vlmamba_requests_waiting", "Requests waiting for a state slot", s.waiting)
+        yield GaugeMetricFamily("vlmamba_state_slots_used", "State slots in use", s.slots_used)
+        yield GaugeMetricFamily("vlmamba_state_slots_total", "State slots in the pool", s.slots_total)
+        yield GaugeMetricFamily("vlmamba_state_cache_bytes", "Bytes of cached session states", s.cache_bytes)
+        yield GaugeMetricFamily("vlmamba_state_cache_entries", "Cached session states", s.cache_entries)
+        yield CounterMetricFamily("vlmamba_state_cache_hits", "Prompts resumed from a cached state", s.cache_hits)
+        yield CounterMetricFamily("vlmamba_state_cache_misses", "Prompts with no cached prefix", s.cache_misses)
+        yield CounterMetricFamily("vlmamba_state_cache_evictions", "Cached states evicted", s.cache_evictions)
 
 
 class Metrics(Observer):
@@ -55,19 +56,19 @@ class Metrics(Observer):
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    # Observer hooks, called from the engine thread.
-    def on_first_token(self, req, now):
-        self.ttft.observe(now - req.arrival)
-        self.queue.observe(max(0.0, (req.admit_time or now) - req.arrival))
+    # Observer hooks, called from the engine thread (or the engine process's reader thread).
+    def on_first_token(self, ttft_s, queue_s):
+        self.ttft.observe(ttft_s)
+        self.queue.observe(queue_s)
 
-    def on_token(self, req, gap_s):
+    def on_token(self, gap_s):
         self.itl.observe(gap_s)
 
     def on_step(self, batch_size):
         self.batch.observe(batch_size)
 
-    def on_finish(self, req, out, now):
-        self.e2e.observe(now - req.arrival)
+    def on_finish(self, e2e_s, out):
+        self.e2e.observe(e2e_s)
         self.prompt_tokens.inc(out.prompt_tokens)
         self.cached_tokens.inc(out.cached_tokens)
         self.generation_tokens.inc(out.completion_tokens)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -81,3 +83,17 @@ def chunk_body(cid: str, model: str, created: int, delta: dict, finish: str | No
     if usage is not None:
         body["usage"] = usage
     return body
+
+
+def sse(body: dict) -> str:
+    """One server-sent event carrying ``body`` as compact JSON."""
+    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+def content_chunk_sse(cid: str, model: str, created: int) -> Callable[[str], str]:
+    """``text -> sse(chunk_body(..., {"content": text}))`` for one stream, byte for byte, with the
+    constant part of the body serialised once: a stream sends one such chunk per token."""
+    marker = "\x00"
+    whole = sse(chunk_body(cid, model, created, {"content": marker}))
+    head, _, tail = whole.rpartition(json.dumps(marker))  # the content follows the id and the model name
+    return lambda text: head + json.dumps(text) + tail

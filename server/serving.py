@@ -14,7 +14,8 @@ from model.errors import InvalidRequest, PromptTooLong
 from model.sampling import SamplingParams
 from server.engine import EngineOutput, EngineRequest, ImageInput
 from server.errors import EngineFailure, QueueFull
-from server.protocol import ChatCompletionRequest, chunk_body, completion_body, completion_id, usage_dict
+from server.protocol import (ChatCompletionRequest, chunk_body, completion_body, completion_id, content_chunk_sse, sse,
+                             usage_dict)
 
 log = logging.getLogger(__name__)
 _warned_fields: set[str] = set()
@@ -174,7 +175,7 @@ class ChatService:
 
     async def stream(self, rid: str, queue: asyncio.Queue, include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
-        sse = lambda body: f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+        content = content_chunk_sse(rid, self.model_name, created)
         finished = False
         try:
             yield sse(chunk_body(rid, self.model_name, created, {"role": "assistant", "content": ""}))
@@ -187,7 +188,7 @@ class ChatService:
                     yield f"data: {json.dumps({'error': err})}\n\n"
                     break
                 if out.text:
-                    yield sse(chunk_body(rid, self.model_name, created, {"content": out.text}))
+                    yield content(out.text)
                 if out.finished:
                     yield sse(chunk_body(rid, self.model_name, created, {}, out.finish_reason))
                     if include_usage:
@@ -201,7 +202,7 @@ class ChatService:
 
 
 class Handoff:
-    """Engine thread -> event loop delivery, one loop wake-up per batch of outputs.
+    """Engine thread (or engine process reader) -> event loop delivery, one loop wake-up per batch of outputs.
 
     The engine emits one output per running request per step; waking the loop for each one
     (a self-pipe write and a callback apiece) made the loop, not the GPU, the limit at high

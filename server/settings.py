@@ -49,6 +49,9 @@ class ServerSettings:
     state_dtype: str = _opt("float32", "storage of the recurrent SSM states: float32 (exact) or bfloat16 (half the "
                                        "memory and decode traffic per sequence; the math stays fp32)")
     no_cuda_graphs: bool = _opt(False, "run decode steps eagerly on GPU instead of replaying CUDA graphs")
+    no_engine_process: bool = _opt(False, "run the engine in a thread of the HTTP server's process instead of a "
+                                          "process of its own (simpler to debug; slower under many streams, "
+                                          "where HTTP work and the engine share one interpreter lock)")
 
     @property
     def api_keys(self) -> list[str]:

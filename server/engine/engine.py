@@ -1,6 +1,7 @@
 """The engine loop: admit -> prefill (batched, right-padded) -> one batched decode step, repeat.
 
-Runs in its own thread so the asyncio event loop stays responsive. Each iteration:
+Runs in its own thread: in the server's engine process (``server/engine/process.py``), or in
+the server's own process with ``--no-engine-process``. Each iteration:
 
 1. ``_take_new``: move submitted requests into the waiting queue, apply aborts;
 2. ``_admit``: give waiting requests free slots, filling each slot from the session state
@@ -33,7 +34,7 @@ import torch
 
 from model.generate import SequenceDecoder, logits_mask, pick_tokens
 from server.engine.state_cache import StateCache, prefix_hashes, prompt_items
-from server.engine.types import EngineOutput, EngineRequest
+from server.engine.types import EngineOutput, EngineRequest, EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +63,15 @@ class EngineConfig:
 
 
 class Observer:
-    """Hooks the server's metrics implement; all no-ops here."""
+    """Hooks the server implements (its metrics; the engine process's outbox); all no-ops here.
+    Called from the engine thread with plain numbers, so they can be recorded and replayed elsewhere."""
 
-    def on_first_token(self, req: EngineRequest, now: float) -> None: ...
-    def on_token(self, req: EngineRequest, gap_s: float) -> None: ...
-    def on_finish(self, req: EngineRequest, out: EngineOutput, now: float) -> None: ...
+    def on_first_token(self, ttft_s: float, queue_s: float) -> None: ...
+    def on_token(self, gap_s: float) -> None: ...
+    def on_finish(self, e2e_s: float, out: EngineOutput) -> None: ...
     def on_step(self, batch_size: int) -> None: ...
+    def on_iteration_end(self) -> None:
+        """Every output of one engine iteration has been delivered."""
 
 
 class Engine:
@@ -139,6 +143,11 @@ class Engine:
     def slots_used(self) -> int:
         return self.config.max_num_seqs - len(self.free_slots)
 
+    def stats(self) -> EngineStats:
+        c = self.cache
+        return EngineStats(self.num_running(), self.num_waiting(), self.slots_used(), self.config.max_num_seqs,
+                           c.bytes, len(c), c.hits, c.misses, c.evictions)
+
     # ---- the loop --------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
@@ -152,6 +161,7 @@ class Engine:
             self.last_heartbeat = time.monotonic()
             with torch.inference_mode():
                 self._iteration()
+            self.observer.on_iteration_end()
         for req in list(self.waiting) + self.running:
             self._fail(req, "server shutting down")
 
@@ -186,8 +196,8 @@ class Engine:
                 self._release(r)
                 if r in self.waiting:
                     self.waiting.remove(r)
-                self.observer.on_finish(r, EngineOutput(r.request_id, finished=True, finish_reason="abort",
-                                                        prompt_tokens=len(r.prompt_ids)), time.monotonic())
+                self.observer.on_finish(time.monotonic() - r.arrival, EngineOutput(
+                    r.request_id, finished=True, finish_reason="abort", prompt_tokens=len(r.prompt_ids)))
             self._aborts.clear()
 
     # ---- phases ----------------------------------------------------------------------------
@@ -310,9 +320,9 @@ class Engine:
             text = req.decoder.accept(tok)
             if req.first_token_time is None:
                 req.first_token_time = now
-                self.observer.on_first_token(req, now)
+                self.observer.on_first_token(now - req.arrival, max(0.0, (req.admit_time or now) - req.arrival))
             else:
-                self.observer.on_token(req, now - req.last_token_time)
+                self.observer.on_token(now - req.last_token_time)
             req.last_token_time = now
             req.last_token = tok
             if req.decoder.finished:
@@ -329,7 +339,7 @@ class Engine:
         out = EngineOutput(req.request_id, text, [dec.token_ids[-1]], True, dec.finish_reason, len(req.prompt_ids),
                            len(dec.token_ids), req.cached_tokens)
         self._release(req)
-        self.observer.on_finish(req, out, now)
+        self.observer.on_finish(now - req.arrival, out)
         req.sink(out)
 
     def _fail(self, req: EngineRequest, message: str) -> None:
@@ -338,7 +348,7 @@ class Engine:
             self.waiting.remove(req)
         out = EngineOutput(req.request_id, finished=True, finish_reason="error", error=message,
                            prompt_tokens=len(req.prompt_ids))
-        self.observer.on_finish(req, out, time.monotonic())
+        self.observer.on_finish(time.monotonic() - req.arrival, out)
         req.sink(out)
 
     def _release(self, req: EngineRequest) -> None:

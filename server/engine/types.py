@@ -35,9 +35,25 @@ class EngineOutput:
     error: str | None = None
 
 
+@dataclass
+class EngineStats:
+    """What the metrics and /health read of the engine: requests, slots and the session state cache."""
+
+    running: int = 0
+    waiting: int = 0
+    slots_used: int = 0
+    slots_total: int = 0
+    cache_bytes: int = 0
+    cache_entries: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_evictions: int = 0
+
+
 @dataclass(eq=False)
 class EngineRequest:
-    """A generation request. ``sink`` receives every EngineOutput (called from the engine thread).
+    """A generation request. ``sink`` receives every EngineOutput (called from the engine thread, or
+    from the reader thread of :class:`~server.engine.process.EngineProcess`).
 
     ``scope`` isolates cached states (one per API key); ``session_id`` pins a conversation.
     """

@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from model.data.shapes import make_sample
 from server.settings import ServerSettings
 from tests.server.live import ImageServer, LiveServer
 from vlmamba_client import (AsyncClient, AuthenticationError, BadRequestError, Client, RateLimitError,
@@ -45,18 +44,6 @@ def wait_until(check, timeout: float = 15.0) -> bool:
             return True
         time.sleep(0.03)
     return False
-
-
-@pytest.fixture(scope="module")
-def samples():
-    return [make_sample("test", i) for i in range(16)]
-
-
-@pytest.fixture(scope="module")
-def images(samples):
-    srv = ImageServer({f"s{i}": s.image() for i, s in enumerate(samples)})
-    yield srv
-    srv.close()
 
 
 @pytest.fixture(scope="module")

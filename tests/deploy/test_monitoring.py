@@ -13,6 +13,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.engine.types import EngineStats
 from server.metrics import Metrics
 from tests.deploy.helpers import DEPLOY
 
@@ -32,19 +33,12 @@ def exprs(dashboard) -> list[str]:
     return [t["expr"] for p in panels(dashboard) for t in p["targets"]]
 
 
-class _Cache:
-    bytes, hits, misses, evictions = 1024, 3, 1, 0
-
-    def __len__(self):
-        return 2
-
-
 @pytest.fixture(scope="module")
 def exported() -> set[str]:
     """Sample names of the server's /metrics, with every metric observed at least once."""
     m = Metrics()
-    m.attach(SimpleNamespace(num_running=lambda: 1, num_waiting=lambda: 0, slots_used=lambda: 1,
-                             config=SimpleNamespace(max_num_seqs=16), cache=_Cache()))
+    m.attach(SimpleNamespace(stats=lambda: EngineStats(running=1, slots_used=1, slots_total=16, cache_bytes=1024,
+                                                       cache_entries=2, cache_hits=3, cache_misses=1)))
     for h in (m.ttft, m.itl, m.e2e, m.queue, m.fetch, m.batch):
         h.observe(0.1)
     for c in (m.prompt_tokens, m.cached_tokens, m.generation_tokens):

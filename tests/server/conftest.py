@@ -2,9 +2,9 @@ import hashlib
 import threading
 
 import pytest
-import torch
 
 from model.checkpoint_vlm import load_vlmamba
+from model.data.shapes import make_sample
 from model.demo import DEMO_CHECKPOINT
 from model.sampling import SamplingParams
 from server.engine import EngineRequest, ImageInput
@@ -13,6 +13,22 @@ from server.engine import EngineRequest, ImageInput
 @pytest.fixture(scope="session")
 def demo():
     return load_vlmamba(DEMO_CHECKPOINT)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    """Test-split scenes of the shapes data set, each with its questions and answers."""
+    return [make_sample("test", i) for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def images(samples):
+    """An image server with sample ``i`` at ``/s{i}.png``."""
+    from tests.server.live import ImageServer
+
+    srv = ImageServer({f"s{i}": s.image() for i, s in enumerate(samples)})
+    yield srv
+    srv.close()
 
 
 def image_input(proc, image) -> ImageInput:

@@ -1,18 +1,16 @@
 import base64
 import concurrent.futures as cf
 import io
-import json
 
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from model.data.shapes import make_sample
 from model.generate import generate
 from model.sampling import SamplingParams
 from server.settings import ServerSettings
-from tests.server.live import ImageServer, LiveServer
+from tests.server.live import LiveServer
 
 
 def data_url(image) -> str:
@@ -24,18 +22,6 @@ def data_url(image) -> str:
 def ask(url: str, question: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                          {"type": "text", "text": question}]}]
-
-
-@pytest.fixture(scope="module")
-def samples():
-    return [make_sample("test", i) for i in range(40)]
-
-
-@pytest.fixture(scope="module")
-def images(samples):
-    srv = ImageServer({f"s{i}": s.image() for i, s in enumerate(samples)})
-    yield srv
-    srv.close()
 
 
 @pytest.fixture(scope="module")

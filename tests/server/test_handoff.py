@@ -1,9 +1,13 @@
-"""Engine -> event loop delivery: one wake-up per batch, in order; lagging streams coalesce."""
+"""Engine -> event loop delivery: one wake-up per batch, in order; lagging streams coalesce;
+content chunks serialised from a prebuilt frame are the chunks of chunk_body, byte for byte."""
 
 import asyncio
 import threading
 
+import pytest
+
 from server.engine.types import EngineOutput
+from server.protocol import chunk_body, content_chunk_sse, sse
 from server.serving import Handoff, coalesce
 
 
@@ -54,3 +58,10 @@ def test_coalesce_stops_at_an_error():
     q.put_nowait(EngineOutput("r", "x"))
     out = coalesce(EngineOutput("r", "a"), q)
     assert out.error == "boom" and out.text == "a" and q.qsize() == 1
+
+
+@pytest.mark.parametrize("model", ["shapes-demo", 'a "quoted" model\x00', "ünï/côdé"])
+def test_content_chunks_are_byte_identical_to_chunk_body(model):
+    content = content_chunk_sse("chatcmpl-abc", model, 1700000000)
+    for text in ["a", " the", "\n", '"', "\\", "\x00", "é✓😀", "</script>", "\u2028", "data: [DONE]\n\n"]:
+        assert content(text) == sse(chunk_body("chatcmpl-abc", model, 1700000000, {"content": text})), repr(text)

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 
 from model.data.shapes import make_sample
+from tests.server.live import children, wait_gone
 from tests.server.test_api import ask, data_url
 
 
@@ -37,6 +38,8 @@ def test_sigterm_drains_running_streams_and_stops_admission(tmp_path):
         body = {"model": "m", "messages": ask(data_url(make_sample("test", 5).image()), "Describe the image."),
                 "stream": True, "max_tokens": 150, "ignore_eos": True}
         events = []
+        engine = children(proc.pid)  # the engine process (and multiprocessing's resource tracker)
+        assert engine
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
             lines = r.iter_lines()
             events.append(next(lines))
@@ -50,8 +53,9 @@ def test_sigterm_drains_running_streams_and_stops_admission(tmp_path):
         assert events[-1] == "data: [DONE]"
         finals = [json.loads(e[6:]) for e in events[:-1] if e.startswith("data: {")]
         assert finals[-1]["choices"][0]["finish_reason"] == "length"  # the stream ran to its end
-        # uvicorn re-raises the signal once it has shut down cleanly
+        # uvicorn re-raises the signal once it has shut down cleanly, having stopped the engine process
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert wait_gone(engine, timeout=10) == []
     finally:
         if proc.poll() is None:
             proc.kill()
