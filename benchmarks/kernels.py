@@ -19,10 +19,16 @@ D_IN, N, R, D_MODEL = 5120, 16, 160, 2560
 
 
 def bench(fn) -> float:
-    """Median milliseconds of fn (CUDA events; triton's do_bench)."""
-    from triton.testing import do_bench
+    """Median milliseconds of fn, replayed from a CUDA graph so that launch overhead on the host
+    does not hide short kernels (triton's do_bench_cudagraph); eagerly where fn cannot be captured."""
+    from triton.testing import do_bench, do_bench_cudagraph
 
-    return do_bench(fn, warmup=10, rep=50, return_mode="median")
+    fn()  # compile / autotune outside the capture
+    try:
+        return do_bench_cudagraph(fn, rep=50, return_mode="median")
+    except Exception:  # noqa: BLE001 - e.g. a peer kernel that syncs with the host
+        torch.cuda.synchronize()
+        return do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
 def scan_inputs(b, l, g):
@@ -60,16 +66,19 @@ def scan_rows(sweep: bool) -> list[dict]:
     return rows
 
 
-def conv_rows() -> list[dict]:
-    from kernels import causal_conv1d
+def conv_rows(sweep: bool) -> list[dict]:
+    from kernels.triton.causal_conv1d import causal_conv1d_triton
 
     rows, g = [], torch.Generator(device="cuda").manual_seed(1)
     for b, l in [(1, 768), (16, 768)]:
         x = torch.randn(b, l, 2 * D_IN, device="cuda", generator=g).bfloat16()[..., :D_IN].transpose(1, 2)
         w, cb = torch.randn(D_IN, 4, device="cuda").bfloat16(), torch.randn(D_IN, device="cuda").bfloat16()
         pool, idx = torch.zeros(b, D_IN, 3, device="cuda").bfloat16(), torch.arange(b, device="cuda")
-        ms = bench(lambda: causal_conv1d(x, w, cb, "silu", conv_state=pool, state_indices=idx, backend="triton"))
-        rows.append({"kernel": "causal_conv1d", "impl": "triton", "shape": [b, l], "ms": ms})
+        configs = [None] + ([(bd, bl, nw) for bd in (64, 128, 256) for bl in (16, 32, 64) for nw in (4, 8)]
+                            if sweep else [])
+        for cfg in configs:
+            ms = bench(lambda: causal_conv1d_triton(x, w, cb, "silu", conv_state=pool, state_indices=idx, config=cfg))
+            rows.append({"kernel": "causal_conv1d", "impl": "triton", "config": cfg, "shape": [b, l], "ms": ms})
         peer = _peer("causal_conv1d")
         if peer is not None:
             xc = x.contiguous()
@@ -113,7 +122,7 @@ def step_rows() -> list[dict]:
 
 def linear_rows(sweep: bool) -> list[dict]:
     """The decode step's projections at a few rows: our Triton GEMV vs cuBLAS (torch's F.linear)."""
-    from kernels.triton.linear import small_linear_triton
+    from kernels.triton.linear import linear_accumulate_triton, small_linear_triton
 
     rows, g = [], torch.Generator(device="cuda").manual_seed(3)
     shapes = {"in_proj": (2 * D_IN, D_MODEL), "x_proj": (R + 2 * N, D_IN), "out_proj": (D_MODEL, D_IN),
@@ -122,6 +131,8 @@ def linear_rows(sweep: bool) -> list[dict]:
                         if sweep else [])
     for m in (1, 8):
         for name, (n, k) in shapes.items():
+            if sweep and name in ("x_proj", "lm_head"):
+                continue
             x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
             w = torch.randn(n, k, device="cuda", generator=g).bfloat16()
             gb = n * k * 2 / 1e9
@@ -131,6 +142,45 @@ def linear_rows(sweep: bool) -> list[dict]:
                 ms = bench(lambda: small_linear_triton(x, w, config=cfg))
                 rows.append({"kernel": f"linear {name}", "impl": "triton", "config": cfg, "shape": [m, n, k],
                              "ms": ms, "TB/s": gb / ms})
+            if name != "out_proj":
+                continue
+            out = torch.zeros(m, n, device="cuda")
+            for split in (2, 4, 8) if sweep else (4,):
+                for cfg in [None] + ([(16, 256, 4, 4), (16, 128, 4, 4), (32, 128, 4, 4), (32, 64, 4, 4),
+                                      (32, 256, 3, 4), (64, 128, 3, 8), (64, 64, 4, 4)] if sweep else []):
+                    ms = bench(lambda: linear_accumulate_triton(x, w, out, split, cfg))
+                    rows.append({"kernel": "linear_accumulate out_proj", "impl": "triton",
+                                 "config": None if split == 4 and cfg is None else [split, cfg], "shape": [m, n, k],
+                                 "ms": ms, "TB/s": gb / ms})
+    return rows
+
+
+def mixer_in_rows(sweep: bool) -> list[dict]:
+    """The fused in_proj + conv update + x_proj of the decode step against the three kernels it replaces."""
+    from kernels import causal_conv1d_update, small_linear
+    from kernels.triton.decode import mixer_in_triton
+
+    rows, g = [], torch.Generator(device="cuda").manual_seed(4)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)
+    for m in (1, 4, 16):
+        normed = r(m, D_MODEL).bfloat16()
+        w_in, w_x = (r(2 * D_IN, D_MODEL) * 0.02).bfloat16(), (r(R + 2 * N, D_IN) * 0.02).bfloat16()
+        pool, cw, cb = r(m, D_IN, 3).bfloat16(), r(D_IN, 4).bfloat16(), r(D_IN).bfloat16()
+        idx, xp = torch.arange(m, device="cuda"), torch.zeros(m, R + 2 * N, device="cuda")
+        gb = (w_in.numel() + w_x.numel()) * 2 / 1e9
+
+        def unfused():
+            x, z = torch.nn.functional.linear(normed, w_in).chunk(2, dim=-1)
+            x = causal_conv1d_update(x, pool, cw, cb, "silu", idx, backend="triton")
+            return small_linear(x, w_x, backend="cuda"), z
+
+        ms = bench(unfused)
+        rows.append({"kernel": "in_proj+conv+x_proj", "impl": "3 kernels", "shape": [m], "ms": ms, "TB/s": gb / ms})
+        for cfg in [None] + ([(bn, bk, st, w_) for bn in (32, 64) for bk in (64, 128, 256) for st, w_ in
+                              ((3, 4), (4, 4), (4, 8))] if sweep and m != 4 else []):
+            ms = bench(lambda: mixer_in_triton(normed, w_in, pool, cw, cb, idx, w_x, xp, cfg))
+            rows.append({"kernel": "in_proj+conv+x_proj", "impl": "triton mixer_in", "config": cfg, "shape": [m],
+                         "ms": ms, "TB/s": gb / ms})
     return rows
 
 
@@ -144,14 +194,18 @@ def _peer(name):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="also time the prefill scan's variants")
+    ap.add_argument("--only", nargs="*", default=["scan", "conv", "step", "linear", "mixer_in"],
+                    help="kernel groups to time")
     ap.add_argument("--out", default=None)
     ap.add_argument("--doc", default=None, help="markdown file for the table ('' for none)")
     args = ap.parse_args(argv)
-    rows = scan_rows(args.sweep) + conv_rows() + step_rows() + linear_rows(args.sweep)
+    groups = {"scan": lambda: scan_rows(args.sweep), "conv": lambda: conv_rows(args.sweep), "step": step_rows,
+              "linear": lambda: linear_rows(args.sweep), "mixer_in": lambda: mixer_in_rows(args.sweep)}
+    rows = [row for name in args.only for row in groups[name]()]
     result = {"benchmark": "kernels", "machine": machine("cuda"), "rows": rows}
     table = markdown_table(["kernel", "impl", "config", "shape", "ms", "weight TB/s"],
                            [[r["kernel"], r["impl"], str(r.get("config") or "default"), str(r["shape"]), r["ms"],
-                             r.get("TB/s")] for r in rows if args.sweep is False or r.get("config") is None])
+                             r.get("TB/s")] for r in rows if r.get("config") is None])
     m = result["machine"]
     result["table"] = f"Machine: {m['gpu']}, torch {m['torch']}, triton {m.get('triton')}, {m['date']}.\n\n{table}"
     write_json(result, args.out)

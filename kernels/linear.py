@@ -21,6 +21,25 @@ def small_linear_ref(x, weight, bias=None):
     return F.linear(x, weight, bias)
 
 
+def linear_accumulate_ref(x, weight, out):
+    """out (m, n) float32 += x @ weight^T (x: (m, k), weight: (n, k)); returns out."""
+    return out.add_(F.linear(x, weight).float())
+
+
+def linear_accumulate(x, weight, out, backend: str = "auto"):
+    """``out += x @ W^T`` into a float32 buffer, for few rows; same contract as
+    :func:`linear_accumulate_ref`. The Triton kernel splits the reduction axis across programs
+    (atomic adds), which keeps narrow projections (the decode step's out_proj) at bandwidth."""
+    if backend == "cuda" or (backend == "auto" and x.shape[0] > MAX_ROWS):
+        return linear_accumulate_ref(x, weight, out)
+    chosen = resolve_backend(backend, "linear_accumulate", x.device, None, _triton_ops(), needs_grad(x, weight))
+    if chosen == "triton":
+        from kernels.triton import linear_accumulate_triton
+
+        return linear_accumulate_triton(x, weight, out)
+    return linear_accumulate_ref(x, weight, out)
+
+
 def small_linear(x, weight, bias=None, backend: str = "auto"):
     """``F.linear`` for few rows; same contract as :func:`small_linear_ref`.
 

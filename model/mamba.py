@@ -17,6 +17,9 @@ from kernels import (
     add_rms_norm,
     causal_conv1d,
     causal_conv1d_update,
+    linear_accumulate,
+    mixer_in,
+    mixer_in_fusable,
     selective_scan,
     selective_state_update,
     small_linear,
@@ -102,6 +105,20 @@ class MambaMixer(nn.Module):
                                    state_indices=slots, dt_proj_weight=self.dt_proj.weight if fuse else None,
                                    A_is_log=True, backend=self.backend)
         return self.out_proj(y)
+
+    def step_fused(self, normed, state: InferenceState, slots: torch.Tensor, out: torch.Tensor,
+                   xproj: torch.Tensor) -> torch.Tensor:
+        """One decode step for a few rows in three kernels: in_proj + conv + x_proj
+        (:func:`kernels.mixer_in`), the state update with dt_proj fused, and out_proj adding into
+        ``out`` (b, D) float32. ``out`` and ``xproj`` (b, r + 2n) float32 arrive zeroed."""
+        conv_pool, ssm_pool = state.layer(self.layer_idx)
+        x, z = mixer_in(normed, self.in_proj.weight, conv_pool, self.conv1d.weight[:, 0, :], self.conv1d.bias, slots,
+                        self.x_proj.weight, xproj, backend=self.backend)
+        dt_low, B, C = xproj.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        y = selective_state_update(ssm_pool, x, dt_low, self.A_log, B, C, self.D, z, self.dt_proj.bias, True,
+                                   state_indices=slots, dt_proj_weight=self.dt_proj.weight, A_is_log=True,
+                                   backend=self.backend)
+        return linear_accumulate(y, self.out_proj.weight, out, backend=self.backend)
 
 
 class Block(nn.Module):
@@ -194,10 +211,30 @@ class MambaLM(nn.Module):
         """One decode step. input_ids: (b,) or inputs_embeds: (b, D); slots: (b,). Returns logits (b, V)."""
         hidden = self._embed(input_ids, inputs_embeds)
         residual = None
-        for layer in self.backbone.layers:
-            hidden, residual = layer.step(hidden, residual, state, slots)
+        if self._fuses_step(hidden):
+            c = self.config
+            r = self.backbone.layers[0].mixer.dt_rank + 2 * c.d_state
+            scratch = hidden.new_zeros(c.n_layer, hidden.shape[0], c.d_model + r, dtype=torch.float32)  # one memset
+            for i, layer in enumerate(self.backbone.layers):
+                normed, residual = layer._pre(hidden, residual)
+                hidden = layer.mixer.step_fused(normed, state, slots, scratch[i, :, : c.d_model],
+                                                scratch[i, :, c.d_model:])
+        else:
+            for layer in self.backbone.layers:
+                hidden, residual = layer.step(hidden, residual, state, slots)
         backend = self.backbone.layers[0].mixer.backend if len(self.backbone.layers) else "ref"
         return small_linear(self.backbone._final(hidden, residual), self.lm_head.weight, None, backend)
+
+    def _fuses_step(self, hidden: torch.Tensor) -> bool:
+        """The fused decode step (:meth:`MambaMixer.step_fused`) runs where its Triton kernels
+        do: few rows, no projection biases, and a backend that resolves to Triton."""
+        if not len(self.backbone.layers):
+            return False
+        mixer = self.backbone.layers[0].mixer
+        if mixer.in_proj.bias is not None or mixer.out_proj.bias is not None:
+            return False
+        grad = torch.is_grad_enabled() and mixer.in_proj.weight.requires_grad
+        return mixer_in_fusable(hidden.shape[0], self.config.d_inner, hidden.device, mixer.backend, grad)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> "MambaLM":

@@ -58,12 +58,13 @@ def _conv_kernel(x, weight, bias, y, s_in, s_out, idx, lens, d, l,
 
 
 def causal_conv1d_triton(x, weight, bias=None, activation=None, initial_state=None, lengths=None,
-                         conv_state=None, state_indices=None):
+                         conv_state=None, state_indices=None, config=None):
     """x: (b, d, l) any strides; weight: (d, w); bias: (d,); initial_state: (b, d, w - 1);
     lengths: (b,) valid steps per row (the new state ends there); conv_state: (p, d, w - 1) pool
     with state_indices (b,): start from and write back those rows.
     Returns y (b, d, l) in x.dtype (channel-last memory) and the new state (b, d, w - 1) in
-    x.dtype, or None for it when ``conv_state`` is given (it is in the pool)."""
+    x.dtype, or None for it when ``conv_state`` is given (it is in the pool). ``config``:
+    (BLOCK_D, BLOCK_L, warps) instead of the default."""
     b, d, l = x.shape
     w = weight.shape[-1]
     assert weight.shape == (d, w) and w >= 2, weight.shape
@@ -75,7 +76,7 @@ def causal_conv1d_triton(x, weight, bias=None, activation=None, initial_state=No
         s_out = torch.empty(b, d, w - 1, device=x.device, dtype=x.dtype)
         s_in = initial_state if initial_state is not None else s_out
     y = torch.empty(b, l, d, device=x.device, dtype=x.dtype).transpose(1, 2)
-    block_d, block_l = 64, 32
+    block_d, block_l, warps = config or (64, 32, 4)
     assert block_l >= w - 1
     dummy = s_out
     grid = (b, triton.cdiv(d, block_d), max(1, triton.cdiv(l, block_l)))
@@ -85,7 +86,7 @@ def causal_conv1d_triton(x, weight, bias=None, activation=None, initial_state=No
         *x.stride(), weight.stride(0), *y.stride(), *s_in.stride(), *s_out.stride(),
         W=w, WP=triton.next_power_of_2(w - 1), HAS_BIAS=bias is not None, SILU=activation in ("silu", "swish"),
         HAS_INIT=conv_state is not None or initial_state is not None, HAS_IDX=state_indices is not None,
-        HAS_LENS=lengths is not None, BLOCK_D=block_d, BLOCK_L=block_l)
+        HAS_LENS=lengths is not None, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps)
     return y, (None if conv_state is not None else s_out)
 
 

@@ -1,6 +1,7 @@
-"""y = x @ W^T for a few rows x, in Triton: one program per block of output features, streaming
-its rows of W through the K loop (software-pipelined loads), the rows of x padded to 16 for
-the tensor-core dot. Same contract as :func:`kernels.linear.small_linear_ref`.
+"""y = x @ W^T for a few rows x, in Triton: one program per block of output features (and, for
+the accumulating form, per slice of the reduction axis), streaming its rows of W through the K
+loop (software-pipelined loads), the rows of x padded to 16 for the tensor-core dot. Same
+contracts as :func:`kernels.linear.small_linear_ref` and :func:`kernels.linear.linear_accumulate_ref`.
 """
 
 from __future__ import annotations
@@ -11,24 +12,30 @@ import triton.language as tl
 
 
 @triton.jit
-def _small_linear_kernel(x, w, bias, y, m, n, k, s_xm, s_wn, s_ym,
-                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-    pid = tl.program_id(0)
+def _small_linear_kernel(x, w, bias, y, m, n, k, k_split, s_xm, s_wn, s_ym,
+                         HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     mn, mm = rn < n, rm < m
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in tl.range(0, k, BLOCK_K, num_stages=STAGES):
+    k_lo = pid_k * k_split
+    k_hi = tl.minimum(k_lo + k_split, k)
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         kk = k0 + rk
-        mk = kk < k
+        mk = kk < k_hi
         wt = tl.load(w + rn[:, None] * s_wn + kk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
         xt = tl.load(x + rm[:, None] * s_xm + kk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
         acc = tl.dot(xt, tl.trans(wt), acc)
     if HAS_BIAS:
         acc += tl.load(bias + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
-    tl.store(y + rm[:, None] * s_ym + rn[None, :], acc, mask=mm[:, None] & mn[None, :])
+    out = y + rm[:, None] * s_ym + rn[None, :]
+    if ACCUMULATE:  # slices of k land in the same outputs: fp32 atomics
+        tl.atomic_add(out, acc, mask=mm[:, None] & mn[None, :], sem="relaxed")
+    else:
+        tl.store(out, acc, mask=mm[:, None] & mn[None, :])
 
 
 def _config(n: int, k: int) -> tuple[int, int, int, int]:
@@ -37,14 +44,29 @@ def _config(n: int, k: int) -> tuple[int, int, int, int]:
     return (32 if n >= 8192 else 16), 256, 4, 4
 
 
-def small_linear_triton(x, weight, bias=None, config=None):
-    """x: (m, k) with m <= 16 and a contiguous k axis; weight: (n, k) contiguous; bias: (n,)."""
+def _launch(x, weight, bias, y, split, config, accumulate):
     m, k = x.shape
     n = weight.shape[0]
     assert weight.shape == (n, k) and weight.stride(1) == 1 and x.stride(1) == 1 and m <= 16, (x.shape, weight.shape)
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     block_n, block_k, stages, warps = config or _config(n, k)
-    _small_linear_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=warps)
+    k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, k_split))
+    _small_linear_kernel[grid](
+        x, weight, bias if bias is not None else weight, y, m, n, k, k_split, x.stride(0), weight.stride(0),
+        y.stride(0), HAS_BIAS=bias is not None, ACCUMULATE=accumulate, BLOCK_M=16, BLOCK_N=block_n,
+        BLOCK_K=block_k, STAGES=stages, num_warps=warps)
     return y
+
+
+def small_linear_triton(x, weight, bias=None, config=None):
+    """x: (m, k) with m <= 16 and a contiguous k axis; weight: (n, k) contiguous; bias: (n,)."""
+    y = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
+    return _launch(x, weight, bias, y, 1, config, False)
+
+
+def linear_accumulate_triton(x, weight, out, split: int = 8, config=None):
+    """out (m, n) float32 += x @ weight^T, the reduction axis cut in ``split`` slices whose programs
+    add their partial sums atomically: narrow outputs (few row blocks) still fill the GPU. The
+    default (8 slices of 64-row blocks) won the sweep in benchmarks/kernels.py on out_proj."""
+    assert out.dtype == torch.float32 and out.shape == (x.shape[0], weight.shape[0]) and out.stride(1) == 1
+    return _launch(x, weight, None, out, split, config or (64, 64, 4, 4), True)

@@ -165,10 +165,62 @@ def linear_cases():
         y_ref, y_tri = K.small_linear_ref(x, w, b), K.small_linear(x, w, b, backend="triton")
         record("small_linear", [m, n, k], dtype, y_err=err(y_tri, y_ref), state_err=0.0,
                y_scale=y_ref.float().abs().max().item(), same_dtype=y_tri.dtype == y_ref.dtype)
+    for (m, n, k, dtype, split) in [(1, 40, 70, torch.float32, 3), (3, 33, 300, torch.float16, 4)]:
+        r = rng(m * 9 + n)
+        x, w, out = r(m, 2 * k).to(dtype)[:, :k], r(n, k).to(dtype), r(m, n)
+        from kernels.triton.linear import linear_accumulate_triton
+
+        y_ref = K.linear_accumulate_ref(x, w, out.clone())
+        y_tri = linear_accumulate_triton(x, w, out.clone(), split, (16, 32, 2, 4))  # several k slices
+        record("linear_accumulate", [m, n, k, split], dtype, y_err=err(y_tri, y_ref), state_err=0.0,
+               y_scale=y_ref.float().abs().max().item(), same_dtype=y_tri.dtype == y_ref.dtype)
+
+
+def mixer_in_cases():
+    """The fused in_proj + conv update + x_proj; "state" is the conv pool."""
+    for (b, D_, d, R_, dtype) in [(1, 48, 32, 13, torch.float32), (3, 40, 48, 20, torch.float16),
+                                  (2, 64, 64, 9, torch.float16)]:
+        r = rng(b * 11 + D_)
+        normed, w_in, w_x = r(b, 2 * D_).to(dtype)[:, :D_], (r(2 * d, D_) * 0.2).to(dtype), (r(R_, d) * 0.2).to(dtype)
+        pool, idx, cw, cb = r(b + 3, d, 3).to(dtype), torch.randperm(b + 3)[:b], r(d, 4).to(dtype), r(d).to(dtype)
+        outs = []
+        for backend in ("ref", "triton"):
+            p, xp = pool.clone(), torch.zeros(b, R_)
+            x, z = K.mixer_in(normed, w_in, p, cw, cb, idx, w_x, xp, backend=backend)
+            outs.append((torch.cat([x, z], 1), p, xp))
+        (y_ref, p_ref, x_ref), (y_tri, p_tri, x_tri) = outs
+        record("mixer_in", [b, D_, d, R_], dtype, y_err=err(y_tri, y_ref), state_err=err(p_tri, p_ref),
+               y_scale=y_ref.float().abs().max().item(), same_dtype=y_tri.dtype == y_ref.dtype)
+        # x_proj: the reference rounds its product to the input dtype, the kernel keeps fp32 sums.
+        record("mixer_in_xproj", [b, D_, d, R_], dtype, y_err=err(x_tri, x_ref), state_err=0.0,
+               y_scale=x_ref.abs().max().item(), same_dtype=True)
+
+
+def fused_step_cases():
+    """A tiny LM's decode steps on the three-kernel path equal its parallel prefill."""
+    from model.config import MambaConfig
+    from model.mamba import MambaLM
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float16):
+        with torch.no_grad():
+            lm = MambaLM(MambaConfig(d_model=32, n_layer=3, vocab_size=100), backend="ref").init_weights(0).to(dtype)
+            ids = torch.randint(0, 100, (2, 6))
+            full = lm(ids).float()
+            state, slots = lm.allocate_state(4), torch.tensor([2, 0])
+            lm(ids[:, :3], state=state, slots=slots)
+            lm.set_backend("triton")
+            assert lm._fuses_step(ids[:, 0].float()), "the fused step should run here"
+            steps = [lm.step(ids[:, t], state=state, slots=slots).float() for t in range(3, 6)]
+        y_err = max(err(s, full[:, t]) for s, t in zip(steps, range(3, 6)))
+        record("fused_decode_step", [2, 32, 3], dtype, y_err=y_err, state_err=0.0,
+               y_scale=full.abs().max().item(), same_dtype=True)
 
 
 state_update_cases()
 linear_cases()
+mixer_in_cases()
+fused_step_cases()
 fused_cases()
 scan_cases()
 scan_variant_cases()

@@ -1,0 +1,87 @@
+"""The decode step's in_proj, conv update + SiLU and x_proj partial sums in one Triton kernel.
+Same contract as :func:`kernels.decode.mixer_in_ref`.
+
+One program per block of in_proj rows streams them through the tensor-core dot against the
+few normalised rows. A block of z rows is stored; a block of x rows runs the conv update on its
+channels' pool rows, applies SiLU and adds ``x @ x_proj[:, block]^T`` into the float32 output
+atomically.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mixer_in_kernel(a_in, w_in, cpool, cw, cb, idx, w_x, x_out, z_out, xp, m, D, d, R,
+                     s_a, s_win, s_cp, s_cd, s_cs, s_cw, s_wx, s_xo, s_zo, s_xp,
+                     HAS_CB: tl.constexpr, W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STAGES: tl.constexpr):
+    pid = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm = rm < m
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in tl.range(0, D, BLOCK_K, num_stages=STAGES):
+        kk = k0 + rk
+        mk = kk < D
+        a = tl.load(a_in + rm[:, None] * s_a + kk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
+        wt = tl.load(w_in + rn[:, None] * s_win + kk[None, :], mask=mk[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(wt), acc)
+    dt = x_out.dtype.element_ty
+    y = acc.to(dt)  # in_proj's output rounding
+    if pid * BLOCK_N >= d:
+        tl.store(z_out + rm[:, None] * s_zo + (rn - d)[None, :], y, mask=mm[:, None])
+    else:
+        # Conv update on these channels: window = [state (w - 1 inputs, oldest first), x].
+        slot = tl.load(idx + rm, mask=mm, other=0).to(tl.int64)
+        sp = cpool + slot[:, None] * s_cp + rn[None, :] * s_cd
+        c = tl.load(cw + rn * s_cw + (W - 1)).to(tl.float32)[None, :] * y.to(tl.float32)
+        if HAS_CB:
+            c += tl.load(cb + rn).to(tl.float32)[None, :]
+        prev = tl.load(sp, mask=mm[:, None], other=0.0)
+        c += tl.load(cw + rn * s_cw).to(tl.float32)[None, :] * prev.to(dt).to(tl.float32)
+        for k in tl.static_range(1, W - 1):  # shift left by one while accumulating
+            cur = tl.load(sp + k * s_cs, mask=mm[:, None], other=0.0)
+            c += tl.load(cw + rn * s_cw + k).to(tl.float32)[None, :] * cur.to(dt).to(tl.float32)
+            tl.store(sp + (k - 1) * s_cs, cur, mask=mm[:, None])
+        tl.store(sp + (W - 2) * s_cs, y.to(cpool.dtype.element_ty), mask=mm[:, None])
+        u = (c * tl.sigmoid(c)).to(dt)
+        tl.store(x_out + rm[:, None] * s_xo + rn[None, :], u, mask=mm[:, None])
+        rr = tl.arange(0, BLOCK_R)
+        mr = rr < R
+        wx = tl.load(w_x + rr[:, None] * s_wx + rn[None, :], mask=mr[:, None], other=0.0)
+        part = tl.dot(u, tl.trans(wx))  # (BLOCK_M, BLOCK_R): these channels' share of x_proj
+        tl.atomic_add(xp + rm[:, None] * s_xp + rr[None, :], part, mask=mm[:, None] & mr[None, :], sem="relaxed")
+
+
+def mixer_in_triton(normed, in_weight, conv_state, conv_weight, conv_bias, state_indices, x_proj_weight, x_proj_out,
+                    config=None):
+    """normed: (b, D) with b <= 16 and a unit last stride; in_weight (2d, D), x_proj_weight (R, d)
+    with unit last strides; d a multiple of 16; conv_state (p, d, w - 1); x_proj_out (b, R) float32.
+    ``config``: (BLOCK_N, BLOCK_K, stages, warps) instead of the default."""
+    b, D = normed.shape
+    d = in_weight.shape[0] // 2
+    R, w = x_proj_weight.shape[0], conv_weight.shape[-1]
+    assert in_weight.shape == (2 * d, D) and x_proj_weight.shape == (R, d) and conv_weight.shape == (d, w)
+    assert b <= 16 and d % 16 == 0 and normed.stride(1) == 1 and in_weight.stride(1) == 1
+    assert x_proj_weight.stride(1) == 1 and state_indices.shape == (b,)
+    assert x_proj_out.dtype == torch.float32 and x_proj_out.shape == (b, R) and x_proj_out.stride(1) == 1
+    x = torch.empty(b, d, device=normed.device, dtype=normed.dtype)
+    z = torch.empty(b, d, device=normed.device, dtype=normed.dtype)
+    # From the sweep in benchmarks/kernels.py (H100, 2.8B shapes); 16-channel blocks for other widths.
+    block_n, block_k, stages, warps = config or ((32, 128, 3, 4) if b <= 4 else (64, 256, 4, 4))
+    if d % block_n:
+        block_n = 16
+    assert d % block_n == 0
+    _mixer_in_kernel[(2 * d // block_n,)](
+        normed, in_weight, conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight,
+        state_indices, x_proj_weight, x, z, x_proj_out, b, D, d, R,
+        normed.stride(0), in_weight.stride(0), *conv_state.stride(), conv_weight.stride(0), x_proj_weight.stride(0),
+        x.stride(0), z.stride(0), x_proj_out.stride(0),
+        HAS_CB=conv_bias is not None, W=w, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(D)),
+        BLOCK_R=max(16, triton.next_power_of_2(R)), STAGES=stages, num_warps=warps)
+    return x, z
