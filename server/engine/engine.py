@@ -107,6 +107,34 @@ class Engine:
         self._flip = 0
         self._mask = logits_mask(model.llm.config.padded_vocab_size, len(processor.tokenizer),
                                  (processor.image_token_id,), self.device)
+        if self.device.type == "cuda":
+            self.warm_up()
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run the prefill once at each kind of shape serving meets, so that no request waits for
+        a kernel to be compiled: Triton compiles a kernel per launch configuration (the scan picks
+        one by batch size) and per length class (1, a multiple of 16, any other), which cost a
+        second or more each on first use. Uses slots from 0 and zeroes them again; the cache and
+        the metrics see nothing."""
+        cap = min(self.config.max_prefill_seqs, self.config.max_num_seqs)
+        slots = torch.arange(cap, device=self.device)
+        for b in sorted({b for b in (1, 2, 4, 7, 13, cap) if b <= cap}):
+            for l in (1, 17, 32):
+                ids = torch.zeros(b, l, dtype=torch.long, device=self.device)
+                lengths = torch.full((b,), l, device=self.device)
+                lengths[-1] = max(1, l - 3)  # ragged, as batched prompts are
+                self.model(ids, None, state=self.state, slots=slots[:b], lengths=lengths, last_only=True)
+        from PIL import Image
+
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "warm-up"}]}]
+        ids = self.processor.tokenize(self.processor.apply_chat_template(msgs), 1)
+        pix = self.processor.preprocess_images([Image.new("RGB", (64, 64))])
+        for b in sorted({1, cap}):
+            self.model(torch.tensor([ids] * b, device=self.device), pix.expand(b, *pix.shape[1:]).to(self.device),
+                       state=self.state, slots=slots[:b], lengths=torch.full((b,), len(ids), device=self.device),
+                       last_only=True)
+        self.state.reset(slots.tolist())
 
     # ---- public, thread-safe -------------------------------------------------------------
     def start(self) -> None:

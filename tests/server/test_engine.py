@@ -118,3 +118,30 @@ def test_bf16_state_storage_answers_the_same(demo):
         assert [c.text for c in cols] == [s.qas[0].answer for s in samples]
     finally:
         eng.shutdown()
+
+
+def test_warm_up_leaves_no_trace(demo):
+    """The start-up prefill pass (run on GPUs so that no request waits for a kernel compile)
+    zeroes the slots it used, caches nothing, reports no metrics, and answers stay the same."""
+    from server.engine.engine import Observer
+
+    class Counting(Observer):
+        calls = 0
+
+        def on_step(self, batch_size):
+            Counting.calls += 1
+
+    model, proc = demo
+    eng = Engine(model, proc, EngineConfig(max_num_seqs=4, max_prefill_seqs=3), Counting())
+    eng.warm_up()
+    assert not eng.state.conv.any() and not eng.state.ssm.any()
+    assert len(eng.cache) == 0 and Counting.calls == 0
+    eng.start()
+    try:
+        s = make_sample("test", 5)
+        col = Collector()
+        eng.add_request(make_request(proc, "w", [user(s.qas[0].question)], [s.image()], col))
+        _wait([col])
+        assert col.text == s.qas[0].answer
+    finally:
+        eng.shutdown()
