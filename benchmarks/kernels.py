@@ -100,14 +100,14 @@ def step_rows() -> list[dict]:
         dt = (r(b, D_IN) * 0.5).bfloat16()
         pool, idx = r(b, D_IN, N), torch.arange(b, device="cuda")
         cpool, w = r(b, D_IN, 3).bfloat16(), r(D_IN, 4).bfloat16()
+        h, res, nw = r(b, D_MODEL).bfloat16(), r(b, D_MODEL), torch.ones(D_MODEL, device="cuda", dtype=torch.bfloat16)
         cases = {
             "selective_state_update": lambda: selective_state_update(pool, x, dt, A_log, B, C, Dv, z, bias, True, idx,
                                                                      A_is_log=True, backend="triton"),
             "selective_state_update+dt_proj": lambda: selective_state_update(pool, x, dt_low, A_log, B, C, Dv, z, bias,
                                                                              True, idx, W, True, backend="triton"),
             "causal_conv1d_update": lambda: causal_conv1d_update(x, cpool, w, None, "silu", idx, backend="triton"),
-            "add_rms_norm": lambda: add_rms_norm(r(b, D_MODEL).bfloat16(), r(b, D_MODEL), torch.ones(
-                D_MODEL, device="cuda", dtype=torch.bfloat16), backend="triton"),
+            "add_rms_norm": lambda: add_rms_norm(h, res, nw, backend="triton"),
         }
         for name, fn in cases.items():
             rows.append({"kernel": name, "impl": "triton", "shape": [b], "ms": bench(fn)})

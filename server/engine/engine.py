@@ -119,20 +119,19 @@ class Engine:
         the metrics see nothing."""
         cap = min(self.config.max_prefill_seqs, self.config.max_num_seqs)
         slots = torch.arange(cap, device=self.device)
-        for b in sorted({b for b in (1, 2, 4, 7, 13, cap) if b <= cap}):
-            for l in (1, 17, 32):
-                ids = torch.zeros(b, l, dtype=torch.long, device=self.device)
-                lengths = torch.full((b,), l, device=self.device)
-                lengths[-1] = max(1, l - 3)  # ragged, as batched prompts are
-                self.model(ids, None, state=self.state, slots=slots[:b], lengths=lengths, last_only=True)
         from PIL import Image
 
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "warm-up"}]}]
-        ids = self.processor.tokenize(self.processor.apply_chat_template(msgs), 1)
-        pix = self.processor.preprocess_images([Image.new("RGB", (64, 64))])
-        for b in sorted({1, cap}):
-            self.model(torch.tensor([ids] * b, device=self.device), pix.expand(b, *pix.shape[1:]).to(self.device),
-                       state=self.state, slots=slots[:b], lengths=torch.full((b,), len(ids), device=self.device),
+        with_image = self.processor.tokenize(self.processor.apply_chat_template(msgs), 1)
+        pix = self.processor.preprocess_images([Image.new("RGB", (64, 64))]).to(self.device)
+        for b in range(1, cap + 1):  # every prefill batch size: the scans pick a launch configuration by it
+            for l in (1, 17, 32):
+                lengths = torch.full((b,), l, device=self.device)
+                lengths[-1] = max(1, l - 3)  # ragged, as batched prompts are
+                self.model(torch.zeros(b, l, dtype=torch.long, device=self.device), None, state=self.state,
+                           slots=slots[:b], lengths=lengths, last_only=True)
+            self.model(torch.tensor([with_image] * b, device=self.device), pix.expand(b, *pix.shape[1:]),
+                       state=self.state, slots=slots[:b], lengths=torch.full((b,), len(with_image), device=self.device),
                        last_only=True)
         self.state.reset(slots.tolist())
 
