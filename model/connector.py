@@ -49,10 +49,14 @@ class VSS(nn.Module):
         super().__init__()
         self.scan = scan
         self.mixer = MambaMixer(dim, d_state, d_conv, expand, backend=backend, device=device, dtype=dtype)
+        self._orders: dict[tuple, list[torch.Tensor]] = {}  # (p, device) -> scan orders on that device
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         i, p, _ = v.shape
-        orders = [o.to(v.device) for o in scan_orders(self.scan, p)]
+        key = (p, v.device)
+        if key not in self._orders:  # made once: a CUDA-graph capture allows no host-to-device copy
+            self._orders[key] = [o.to(v.device) for o in scan_orders(self.scan, p)]
+        orders = self._orders[key]
         # One mixer call over all orders: the K sequences ride along the batch axis.
         ys = self.mixer(torch.cat([v[:, o] for o in orders], dim=0)).split(i, dim=0)  # K x (i, p, c)
         out = torch.zeros_like(v)
