@@ -89,7 +89,6 @@ class Engine:
             from model.graphs import GraphDecoder
 
             self.graphs = GraphDecoder(model, self.state, self.config.max_num_seqs, self.config.max_num_seqs).capture()
-        self.encoder = self._image_graphs() if use_graphs else None
         self.cache = StateCache(self.config.state_cache_bytes)
         self.free_slots = list(range(self.config.max_num_seqs))[::-1]
         self.waiting: deque[EngineRequest] = deque()
@@ -135,23 +134,6 @@ class Engine:
                        state=self.state, slots=slots[:b], lengths=torch.full((b,), len(with_image), device=self.device),
                        last_only=True)
         self.state.reset(slots.tolist())
-
-    def _image_graphs(self):
-        """The image encoder replayed from CUDA graphs for one or two images (model.graphs.GraphEncoder),
-        where launching its kernels costs more than running them; more images run eagerly (a
-        bucket of four or eight would pad the encoder's work). None, with a warning, where the
-        encoder cannot be captured."""
-        from PIL import Image
-
-        from model.graphs import GraphEncoder
-
-        shape = self.processor.preprocess_images([Image.new("RGB", (64, 64))]).shape[1:]
-        try:
-            return GraphEncoder(self.model, shape, 2, self.device).capture()
-        except RuntimeError as e:  # e.g. an attention kernel that does not support capture
-            log.warning("image encoder runs eagerly (CUDA graph capture failed: %s)", e)
-            torch.cuda.synchronize(self.device)
-            return None
 
     # ---- public, thread-safe -------------------------------------------------------------
     def start(self) -> None:
@@ -283,10 +265,8 @@ class Engine:
         for i, s in enumerate(suffixes):
             ids[i, : len(s)] = torch.tensor(s)
         pix = torch.stack(images).to(self.device) if images else None
-        embeds = self.encoder.encode(pix) if self.encoder is not None and pix is not None else None
         slots = torch.tensor([r.slot for r in reqs], device=self.device)
-        logits = self.model(ids.to(self.device), pix, image_embeds=embeds, state=self.state, slots=slots,
-                            lengths=lengths, last_only=True)
+        logits = self.model(ids.to(self.device), pix, state=self.state, slots=slots, lengths=lengths, last_only=True)
         for r in reqs:  # the prompt's end: a resume point even if the reply does not re-tokenize the same
             self.cache.store(r.scope, r.session_id, r.prompt_key, len(r.prompt_ids), self.state.read(r.slot))
         self._emit(reqs, logits)
