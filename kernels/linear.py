@@ -26,14 +26,19 @@ def linear_accumulate_ref(x, weight, out):
     return out.add_(F.linear(x, weight).float())
 
 
+def _triton_runs(op: str, x, backend: str, grad: bool) -> bool:
+    """Whether the few-row Triton kernel of ``op`` runs: ``cuda`` means BLAS (cuBLAS), the peer
+    here, and ``auto`` leaves more than MAX_ROWS rows to it."""
+    if backend == "cuda" or (backend == "auto" and x.shape[0] > MAX_ROWS):
+        return False
+    return resolve_backend(backend, op, x.device, None, _triton_ops(), grad) == "triton"
+
+
 def linear_accumulate(x, weight, out, backend: str = "auto"):
     """``out += x @ W^T`` into a float32 buffer, for few rows; same contract as
     :func:`linear_accumulate_ref`. The Triton kernel splits the reduction axis across programs
     (atomic adds), which keeps narrow projections (the decode step's out_proj) at bandwidth."""
-    if backend == "cuda" or (backend == "auto" and x.shape[0] > MAX_ROWS):
-        return linear_accumulate_ref(x, weight, out)
-    chosen = resolve_backend(backend, "linear_accumulate", x.device, None, _triton_ops(), needs_grad(x, weight))
-    if chosen == "triton":
+    if _triton_runs("linear_accumulate", x, backend, needs_grad(x, weight)):
         from kernels.triton import linear_accumulate_triton
 
         return linear_accumulate_triton(x, weight, out)
@@ -46,10 +51,7 @@ def small_linear(x, weight, bias=None, backend: str = "auto"):
     ``auto`` takes the Triton kernel on CUDA for m <= MAX_ROWS and BLAS otherwise; ``cuda``
     means BLAS (cuBLAS), the peer for this op.
     """
-    if backend == "cuda" or (backend == "auto" and x.shape[0] > MAX_ROWS):
-        return small_linear_ref(x, weight, bias)
-    chosen = resolve_backend(backend, "small_linear", x.device, None, _triton_ops(), needs_grad(x, weight, bias))
-    if chosen == "triton":
+    if _triton_runs("small_linear", x, backend, needs_grad(x, weight, bias)):
         from kernels.triton import small_linear_triton
 
         return small_linear_triton(x, weight, bias)

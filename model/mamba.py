@@ -213,7 +213,7 @@ class MambaLM(nn.Module):
         residual = None
         if self._fuses_step(hidden):
             c = self.config
-            r = self.backbone.layers[0].mixer.dt_rank + 2 * c.d_state
+            r = self.backbone.layers[0].mixer.x_proj.out_features  # dt_rank + 2 d_state
             scratch = hidden.new_zeros(c.n_layer, hidden.shape[0], c.d_model + r, dtype=torch.float32)  # one memset
             for i, layer in enumerate(self.backbone.layers):
                 normed, residual = layer._pre(hidden, residual)
