@@ -95,24 +95,25 @@ def scan_variant_cases():
 
 
 def conv_cases():
-    for (b, d, l, dtype, mode) in [(2, 40, 37, torch.float32, "pool"), (3, 24, 2, torch.bfloat16, "pool"),
-                                   (1, 70, 5, torch.float32, "init"), (2, 16, 33, torch.float16, "plain")]:
+    for (b, d, l, dtype, mode, w_) in [(2, 40, 37, torch.float32, "pool", 4), (3, 24, 2, torch.bfloat16, "pool", 4),
+                                       (1, 70, 5, torch.float32, "init", 4), (2, 16, 33, torch.float16, "plain", 4),
+                                       (2, 24, 19, torch.float32, "init", 3), (3, 16, 11, torch.bfloat16, "pool", 2)]:
         r = rng(b * 7 + l)
         x = r(b, l, 2 * d).to(dtype)[..., :d].transpose(1, 2)
-        w, cb = r(d, 4), r(d)
+        w, cb = r(d, w_), r(d)
         kw, pool = {}, None
         if mode == "pool":
-            pool, idx = r(b + 2, d, 3).to(dtype), torch.randperm(b + 2)[:b]
+            pool, idx = r(b + 2, d, w_ - 1).to(dtype), torch.randperm(b + 2)[:b]
             kw = {"lengths": torch.randint(1, l + 1, (b,)), "state_indices": idx}
         elif mode == "init":
-            kw = {"initial_state": r(b, d, 3).to(dtype)}
+            kw = {"initial_state": r(b, d, w_ - 1).to(dtype)}
         outs = []
         for backend in ("ref", "triton"):
             extra = {"conv_state": pool.clone()} if pool is not None else {}
             y, last = K.causal_conv1d(x, w, cb, "silu", **kw, **extra, backend=backend)
             outs.append((y, last if last is not None else extra["conv_state"]))
         (y_ref, s_ref), (y_tri, s_tri) = outs
-        record("causal_conv1d", [b, d, l, mode], dtype, y_err=err(y_tri, y_ref), state_err=err(s_tri, s_ref),
+        record("causal_conv1d", [b, d, l, mode, w_], dtype, y_err=err(y_tri, y_ref), state_err=err(s_tri, s_ref),
                y_scale=y_ref.float().abs().max().item(), same_dtype=y_tri.dtype == y_ref.dtype)
     for (b, d, pool_n, dtype) in [(1, 8, 1, torch.float32), (3, 300, 6, torch.bfloat16)]:
         r = rng(b + d)
