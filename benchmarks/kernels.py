@@ -64,10 +64,10 @@ def scan_rows(sweep: bool) -> list[dict]:
         pool, idx = torch.zeros(b, D_IN, N, device="cuda"), torch.arange(b, device="cuda")
         configs = [None]
         if sweep:
-            configs += [("chunked", bd, t, w) for bd, t, w in [(4, 32, 4), (8, 32, 4)]]
-            configs += [("seq", bd, t, w) for bd, t, w in [(32, 8, 1), (32, 16, 1), (32, 32, 1), (64, 8, 2),
-                                                           (64, 16, 2), (128, 8, 4), (128, 16, 4), (256, 8, 4),
-                                                           (256, 8, 8), (64, 8, 1), (128, 8, 2)]]
+            configs += [("chunked", bd, t, w) for bd, t, w in [(32, 16, 4), (8, 16, 4), (16, 16, 4), (8, 32, 4),
+                                                               (16, 8, 4), (16, 16, 8), (4, 32, 4)]]
+            configs += [("seq", bd, t, w) for bd, t, w in [(32, 8, 4), (64, 8, 4), (16, 8, 2), (32, 4, 2),
+                                                           (64, 4, 4), (128, 8, 4), (32, 16, 4), (64, 16, 8)]]
         for cfg in configs:
             ms = bench(lambda: selective_scan_triton(u, delta, A, B, C, Dv, z, bias, True, state=pool,
                                                      state_indices=idx, config=cfg))

@@ -93,19 +93,13 @@ def _conv_input(xp, sp, pos, s_xl, s_iw, mask, W: tl.constexpr, HAS_INIT: tl.con
 
 
 def _conv_config(b: int, d: int, l: int) -> tuple[int, int, int]:
-    """(BLOCK_D, steps per program, num_warps): wide channel blocks (16-byte loads per thread in
-    bf16), and segments of the sequence as long as the grid still has enough programs to fill
-    the GPU (from the sweep in benchmarks/kernels.py, H100, d 5120)."""
-    block_d = min(1024, max(32, triton.next_power_of_2(d)))
-    warps = max(1, min(4, block_d // 256))
-    blocks = b * triton.cdiv(d, block_d)
-    for seg in (256, 128, 64, 32, 16):
-        if blocks * triton.cdiv(l, seg) >= _CONV_PROGRAMS:
-            return block_d, seg, warps
-    return block_d, 8, warps
+    """(BLOCK_D, steps per program, num_warps) from the sweep in benchmarks/kernels.py (H100, d 5120):
+    512 channels (4 per thread) and 16 steps per program won at 1 x 768 and 16 x 768; longer
+    segments leave fewer programs to hide each step's load latency."""
+    block_d = min(512, max(32, triton.next_power_of_2(d)))
+    return block_d, 16, max(1, min(4, block_d // 128))
 
 
-_CONV_PROGRAMS = 1024
 _CONV_UNROLL = 8
 
 

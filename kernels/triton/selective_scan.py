@@ -26,80 +26,14 @@ def _linear_combine(a1, b1, a2, b2):
     return a1 * a2, b1 * a2 + b2
 
 
-@triton.jit(do_not_specialize=["s_An", "s_hn"])
-def _scan_seq_kernel(u, delta, A, B, C, D, z, bias, y, h_in, h_out, idx, lens,
-                     d, l, n,
-                     s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
-                     s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_hb, s_hd, s_ob, s_od, s_hn,
-                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                     HAS_H0: tl.constexpr, HAS_IDX: tl.constexpr, HAS_LENS: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, EVEN_N: tl.constexpr):
-    # The state is held as (n, channels): each thread owns whole channels, so the sum over n
-    # for y stays in its registers and the per-channel vectors need no layout changes. The n
-    # strides of A and of the states are not specialised (do_not_specialize): were they
-    # known to be 1, the compiler would lay the state out along n for those loads and pay
-    # for it with shuffles and shared-memory transposes at every step.
-    b, pid_d = tl.program_id(0), tl.program_id(1)
-    row = tl.load(idx + b).to(tl.int64) if HAS_IDX else b.to(tl.int64)
-    rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    rn = tl.arange(0, BLOCK_N)
-    md, mn = rd < d, rn < n
-    m2 = mn[:, None] & md[None, :]
-    length = tl.load(lens + b) if HAS_LENS else l
-    # Padded n rows get A = 0 and B = 0: their state stays 0 and adds nothing to y.
-    a2 = tl.load(A + rn[:, None] * s_An + rd[None, :] * s_Ad, mask=m2, other=0.0).to(tl.float32) * 1.4426950408889634
-    if HAS_H0:
-        h = tl.load(h_in + row * s_hb + rd[None, :] * s_hd + rn[:, None] * s_hn, mask=m2, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    if HAS_D:
-        dv = tl.load(D + rd, mask=md, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bv = tl.load(bias + rd, mask=md, other=0.0).to(tl.float32)
-    u_b, t_b, z_b, y_b = u + b * s_ub, delta + b * s_tb, z + b * s_zb, y + b * s_yb
-    B_b, C_b = B + b * s_Bb, C + b * s_Cb
-    for t0 in range(0, l, T):
-        # The chunk's T steps are unrolled so their loads (which do not depend on the state)
-        # are all in flight before the first update.
-        for i in tl.static_range(T):
-            t = t0 + i
-            mdt = md & ((rd * 0 + t) < l)
-            # B and C are read at min(t, l - 1): steps past l change nothing (delta is 0 there, y
-            # is not stored), so with n == BLOCK_N their loads need no mask and vectorise.
-            tc = tl.minimum(t, l - 1)
-            uu = tl.load(u_b + rd * s_ud + t * s_ul, mask=mdt, other=0.0).to(tl.float32)
-            dt = tl.load(t_b + rd * s_td + t * s_tl, mask=mdt, other=0.0).to(tl.float32)
-            if EVEN_N:
-                Bt = tl.load(B_b + rn * s_Bn + tc * s_Bl).to(tl.float32)
-                Ct = tl.load(C_b + rn * s_Cn + tc * s_Cl).to(tl.float32)
-            else:
-                Bt = tl.load(B_b + rn * s_Bn + tc * s_Bl, mask=mn, other=0.0).to(tl.float32)
-                Ct = tl.load(C_b + rn * s_Cn + tc * s_Cl, mask=mn, other=0.0).to(tl.float32)
-            if HAS_Z:
-                zz = tl.load(z_b + rd * s_zd + t * s_zl, mask=mdt, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dt += bv
-            if SOFTPLUS:  # torch's softplus: identity above 20
-                dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-            dt = tl.where((rd * 0 + t) < length, dt, 0.0)  # 0 past the row's end
-            h = tl.exp2(dt[None, :] * a2) * h + Bt[:, None] * (dt * uu)[None, :]
-            yy = tl.sum(h * Ct[:, None], axis=0)
-            if HAS_D:
-                yy += uu * dv
-            if HAS_Z:
-                yy *= zz * tl.sigmoid(zz)
-            tl.store(y_b + rd * s_yd + t * s_yl, yy, mask=mdt)
-    tl.store(h_out + row * s_ob + rd[None, :] * s_od + rn[:, None] * s_hn, h, mask=m2)
-
-
 @triton.jit
-def _scan_chunked_kernel(u, delta, A, B, C, D, z, bias, y, h_in, h_out, idx, lens,
-                         d, l, n,
-                         s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
-                         s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_hb, s_hd, s_ob, s_od,
-                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                         HAS_H0: tl.constexpr, HAS_IDX: tl.constexpr, HAS_LENS: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr):
+def _scan_kernel(u, delta, A, B, C, D, z, bias, y, h_in, h_out, idx, lens,
+                 d, l, n,
+                 s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
+                 s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_hb, s_hd, s_ob, s_od,
+                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                 HAS_H0: tl.constexpr, HAS_IDX: tl.constexpr, HAS_LENS: tl.constexpr, STEP_LOOP: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr):
     b, pid_d = tl.program_id(0), tl.program_id(1)
     row = tl.load(idx + b).to(tl.int64) if HAS_IDX else b.to(tl.int64)  # state row for this sequence
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -121,43 +55,73 @@ def _scan_chunked_kernel(u, delta, A, B, C, D, z, bias, y, h_in, h_out, idx, len
     u_b, t_b, z_b, y_b = u + b * s_ub, delta + b * s_tb, z + b * s_zb, y + b * s_yb
     B_b, C_b = B + b * s_Bb, C + b * s_Cb
     for t0 in range(0, l, T):
-        # The chunk as an associative scan over (a, b) pairs along time.
-        t = t0 + rt
-        mt = t < l
-        mdt = md[:, None] & mt[None, :]
-        mnt = mn[:, None] & mt[None, :]
-        uu = tl.load(u_b + rd[:, None] * s_ud + t[None, :] * s_ul, mask=mdt, other=0.0).to(tl.float32)
-        dt = tl.load(t_b + rd[:, None] * s_td + t[None, :] * s_tl, mask=mdt, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt += bv[:, None]
-        if SOFTPLUS:
-            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-        dt = tl.where((t < length)[None, :], dt, 0.0)  # (BLOCK_D, T)
-        Bt = tl.load(B_b + rn[:, None] * s_Bn + t[None, :] * s_Bl, mask=mnt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_b + rn[:, None] * s_Cn + t[None, :] * s_Cl, mask=mnt, other=0.0).to(tl.float32)
-        da = tl.exp2(dt[:, None, :] * a2[:, :, None])  # (BLOCK_D, BLOCK_N, T)
-        dbu = (dt * uu)[:, None, :] * Bt[None, :, :]  # (BLOCK_D, BLOCK_N, T)
-        ca, cb = tl.associative_scan((da, dbu), axis=2, combine_fn=_linear_combine)
-        hs = ca * h[:, :, None] + cb  # state after each step of the chunk
-        yy = tl.sum(hs * Ct[None, :, :], axis=1)  # (BLOCK_D, T)
-        # The chunk's last column is the carried state (tail steps past l have delta 0).
-        h = tl.sum(tl.where((rt == T - 1)[None, None, :], hs, 0.0), axis=2)
-        if HAS_D:
-            yy += uu * dv[:, None]
-        if HAS_Z:
-            zz = tl.load(z_b + rd[:, None] * s_zd + t[None, :] * s_zl, mask=mdt, other=0.0).to(tl.float32)
-            yy *= zz * tl.sigmoid(zz)
-        tl.store(y_b + rd[:, None] * s_yd + t[None, :] * s_yl, yy, mask=mdt)
+        if STEP_LOOP:
+            # Step by step with the state in registers; the chunk's T steps are unrolled so their
+            # loads (which do not depend on the state) are all in flight before the first update.
+            for i in tl.static_range(T):
+                t = t0 + i
+                mdt = md & ((rd * 0 + t) < l)
+                mnt = mn & ((rn * 0 + t) < l)
+                uu = tl.load(u_b + rd * s_ud + t * s_ul, mask=mdt, other=0.0).to(tl.float32)
+                dt = tl.load(t_b + rd * s_td + t * s_tl, mask=mdt, other=0.0).to(tl.float32)
+                Bt = tl.load(B_b + rn * s_Bn + t * s_Bl, mask=mnt, other=0.0).to(tl.float32)
+                Ct = tl.load(C_b + rn * s_Cn + t * s_Cl, mask=mnt, other=0.0).to(tl.float32)
+                if HAS_Z:
+                    zz = tl.load(z_b + rd * s_zd + t * s_zl, mask=mdt, other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    dt += bv
+                if SOFTPLUS:  # torch's softplus: identity above 20
+                    dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+                dt = tl.where((rd * 0 + t) < length, dt, 0.0)  # 0 past the row's end
+                h = tl.exp2(dt[:, None] * a2) * h + (dt * uu)[:, None] * Bt[None, :]
+                yy = tl.sum(h * Ct[None, :], axis=1)
+                if HAS_D:
+                    yy += uu * dv
+                if HAS_Z:
+                    yy *= zz * tl.sigmoid(zz)
+                tl.store(y_b + rd * s_yd + t * s_yl, yy, mask=mdt)
+        else:
+            # The chunk as an associative scan over (a, b) pairs along time.
+            t = t0 + rt
+            mt = t < l
+            mdt = md[:, None] & mt[None, :]
+            mnt = mn[:, None] & mt[None, :]
+            uu = tl.load(u_b + rd[:, None] * s_ud + t[None, :] * s_ul, mask=mdt, other=0.0).to(tl.float32)
+            dt = tl.load(t_b + rd[:, None] * s_td + t[None, :] * s_tl, mask=mdt, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt += bv[:, None]
+            if SOFTPLUS:
+                dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+            dt = tl.where((t < length)[None, :], dt, 0.0)  # (BLOCK_D, T)
+            Bt = tl.load(B_b + rn[:, None] * s_Bn + t[None, :] * s_Bl, mask=mnt, other=0.0).to(tl.float32)
+            Ct = tl.load(C_b + rn[:, None] * s_Cn + t[None, :] * s_Cl, mask=mnt, other=0.0).to(tl.float32)
+            da = tl.exp2(dt[:, None, :] * a2[:, :, None])  # (BLOCK_D, BLOCK_N, T)
+            dbu = (dt * uu)[:, None, :] * Bt[None, :, :]  # (BLOCK_D, BLOCK_N, T)
+            ca, cb = tl.associative_scan((da, dbu), axis=2, combine_fn=_linear_combine)
+            hs = ca * h[:, :, None] + cb  # state after each step of the chunk
+            yy = tl.sum(hs * Ct[None, :, :], axis=1)  # (BLOCK_D, T)
+            # The chunk's last column is the carried state (tail steps past l have delta 0).
+            h = tl.sum(tl.where((rt == T - 1)[None, None, :], hs, 0.0), axis=2)
+            if HAS_D:
+                yy += uu * dv[:, None]
+            if HAS_Z:
+                zz = tl.load(z_b + rd[:, None] * s_zd + t[None, :] * s_zl, mask=mdt, other=0.0).to(tl.float32)
+                yy *= zz * tl.sigmoid(zz)
+            tl.store(y_b + rd[:, None] * s_yd + t[None, :] * s_yl, yy, mask=mdt)
     tl.store(h_out + row * s_ob + rd[:, None] * s_od + rn[None, :], h, mask=m2)
 
 
 def _config(b: int, d: int, n: int) -> tuple[str, int, int, int]:
-    """(kind, BLOCK_D, T, num_warps): the step loop, one warp per 32 channels, with blocks as
-    wide as still give the grid enough programs to fill the GPU."""
-    for block_d in (128, 64):
-        if b * triton.cdiv(d, block_d) >= 528:
-            return "seq", block_d, 8, block_d // 32
-    return "seq", 32, 16, 1
+    """(kind, BLOCK_D, T, num_warps), from the sweep in benchmarks/kernels.py on an H100 at d 5120, n 16:
+    the step loop with wide channel blocks wins once the grid has enough programs (16 x 768:
+    1.15 ms vs 5.4 ms for the chunked scan); a single sequence needs narrow blocks to fill the
+    GPU, where the chunked scan is faster (1 x 768: 0.28 ms vs 0.44 ms)."""
+    for block_d in (128, 64, 32):
+        if b * triton.cdiv(d, block_d) >= 512:
+            return "seq", block_d, 8, 4
+    if triton.next_power_of_2(n) <= 16:
+        return "chunked", 4, 32, 4
+    return "seq", 16, 8, 2
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -186,18 +150,14 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     dummy = h_out
     zz = z if z is not None else u
     grid = (b, triton.cdiv(d, block_d))
-    args = [u, delta, A, B, C, D if D is not None else dummy, zz, delta_bias if delta_bias is not None else dummy,
-            y, h_in, h_out, state_indices if state_indices is not None else dummy,
-            lengths if lengths is not None else dummy, d, l, n,
-            *u.stride(), *delta.stride(), A.stride(0)]
-    rest = [*B.stride(), *C.stride(), *zz.stride(), *y.stride(), h_in.stride(0), h_in.stride(1), h_out.stride(0),
-            h_out.stride(1)]
-    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-                 HAS_H0=state is not None or initial_state is not None, HAS_IDX=state_indices is not None,
-                 HAS_LENS=lengths is not None, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(n), T=T, num_warps=warps)
-    if kind == "seq":
-        assert h_in.stride(2) == h_out.stride(2)
-        _scan_seq_kernel[grid](*args, A.stride(1), *rest, h_out.stride(2), EVEN_N=n == flags["BLOCK_N"], **flags)
-    else:
-        _scan_chunked_kernel[grid](*args, *rest, **flags)
+    _scan_kernel[grid](
+        u, delta, A, B, C, D if D is not None else dummy, zz, delta_bias if delta_bias is not None else dummy,
+        y, h_in, h_out, state_indices if state_indices is not None else dummy,
+        lengths if lengths is not None else dummy, d, l, n,
+        *u.stride(), *delta.stride(), A.stride(0), *B.stride(), *C.stride(), *zz.stride(), *y.stride(),
+        h_in.stride(0), h_in.stride(1), h_out.stride(0), h_out.stride(1),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        HAS_H0=state is not None or initial_state is not None, HAS_IDX=state_indices is not None,
+        HAS_LENS=lengths is not None, STEP_LOOP=kind == "seq", BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(n),
+        T=T, num_warps=warps)
     return y, (None if state is not None else h_out)
