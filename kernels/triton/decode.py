@@ -13,15 +13,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton._pdl import pdl_args, pdl_begin
-
 
 @triton.jit
 def _mixer_in_kernel(a_in, w_in, cpool, cw, cb, idx, w_x, x_out, z_out, xp, m, D, d, R,
                      s_a, s_win, s_cp, s_cd, s_cs, s_cw, s_wx, s_xo, s_zo, s_xp,
                      HAS_CB: tl.constexpr, W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_begin(USE_PDL)
+                     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
@@ -86,5 +83,5 @@ def mixer_in_triton(normed, in_weight, conv_state, conv_weight, conv_bias, state
         normed.stride(0), in_weight.stride(0), *conv_state.stride(), conv_weight.stride(0), x_proj_weight.stride(0),
         x.stride(0), z.stride(0), x_proj_out.stride(0),
         HAS_CB=conv_bias is not None, W=w, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(D)),
-        BLOCK_R=max(16, triton.next_power_of_2(R)), STAGES=stages, num_warps=warps, **pdl_args(normed))
+        BLOCK_R=max(16, triton.next_power_of_2(R)), STAGES=stages, num_warps=warps)
     return x, z

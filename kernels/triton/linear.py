@@ -10,14 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton._pdl import pdl_args, pdl_begin
-
 
 @triton.jit
 def _small_linear_kernel(x, w, bias, y, m, n, k, k_split, s_xm, s_wn, s_ym,
                          HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_begin(USE_PDL)
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
@@ -57,7 +54,7 @@ def _launch(x, weight, bias, y, split, config, accumulate):
     _small_linear_kernel[grid](
         x, weight, bias if bias is not None else weight, y, m, n, k, k_split, x.stride(0), weight.stride(0),
         y.stride(0), HAS_BIAS=bias is not None, ACCUMULATE=accumulate, BLOCK_M=16, BLOCK_N=block_n,
-        BLOCK_K=block_k, STAGES=stages, num_warps=warps, **pdl_args(x))
+        BLOCK_K=block_k, STAGES=stages, num_warps=warps)
     return y
 
 

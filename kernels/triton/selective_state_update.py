@@ -11,16 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton._pdl import pdl_args, pdl_begin
-
 
 @triton.jit
 def _ssu_kernel(state, x, dt, A, B, C, D, z, dt_bias, out, idx, Wdt,
                 d, n, r, s_pool, s_d, s_n, s_xb, s_dtb, s_Ad, s_Bb, s_Cb, s_zb, s_ob, s_wd,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                 HAS_IDX: tl.constexpr, LOWRANK: tl.constexpr, A_IS_LOG: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_begin(USE_PDL)
+                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     pid_d, b = tl.program_id(0), tl.program_id(1)
     slot = tl.load(idx + b).to(tl.int64) if HAS_IDX else b.to(tl.int64)
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -89,5 +86,5 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
                       dt_proj_weight.stride(0) if lowrank else 0,
                       HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
                       SOFTPLUS=dt_softplus, HAS_IDX=state_indices is not None, LOWRANK=lowrank, A_IS_LOG=A_is_log,
-                      BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=64, **pdl_args(x))
+                      BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=64)
     return out
