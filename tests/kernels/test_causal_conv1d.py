@@ -67,3 +67,15 @@ def test_update_without_indices_and_bad_activation():
         causal_conv1d_update_ref(x, state, torch.ones(3, 4), None, "relu")
     with pytest.raises(BackendUnavailable):
         causal_conv1d(torch.randn(1, 3, 4), torch.ones(3, 4), backend="cuda")
+
+
+def test_triton_conv_refuses_widths_it_cannot_hold():
+    """The Triton prefill conv keeps at most three past inputs in registers: wider convs are
+    refused with BackendUnavailable (``auto`` then runs the reference) instead of computing
+    something else."""
+    pytest.importorskip("triton")
+    from kernels.triton.causal_conv1d import causal_conv1d_triton
+
+    x, w = torch.randn(1, 8, 5), torch.randn(8, 5)
+    with pytest.raises(BackendUnavailable, match="widths 2-4"):
+        causal_conv1d_triton(x, w)
