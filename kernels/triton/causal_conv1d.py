@@ -85,14 +85,14 @@ def _conv_kernel(x, weight, bias, y, s_in, s_out, idx, lens, d, l, seg,
 
 @triton.jit
 def _conv_input(xp, sp, pos, s_xl, s_iw, mask, W: tl.constexpr, HAS_INIT: tl.constexpr):
-    # pos: a vector of one position
+    # pos: a vector of one position, at least -(W - 1) (the callers ask for at most W - 1 steps back)
     v = tl.load(xp + pos.to(tl.int64) * s_xl, mask=mask & (pos >= 0), other=0.0).to(tl.float32)
     if HAS_INIT:
-        v += tl.load(sp + (pos + W - 1) * s_iw, mask=mask & (pos < 0) & (pos + W - 1 >= 0), other=0.0).to(tl.float32)
+        v += tl.load(sp + (pos + W - 1) * s_iw, mask=mask & (pos < 0), other=0.0).to(tl.float32)
     return v
 
 
-def _conv_config(b: int, d: int, l: int) -> tuple[int, int, int]:
+def _conv_config(d: int) -> tuple[int, int, int]:
     """(BLOCK_D, steps per program, num_warps) from the sweep in benchmarks/kernels.py (H100, d 5120):
     512 channels (4 per thread) and 16 steps per program won at 1 x 768 and 16 x 768; longer
     segments leave fewer programs to hide each step's load latency."""
@@ -125,7 +125,7 @@ def causal_conv1d_triton(x, weight, bias=None, activation=None, initial_state=No
         s_out = torch.empty(b, d, w - 1, device=x.device, dtype=x.dtype)
         s_in = initial_state if initial_state is not None else s_out
     y = torch.empty(b, l, d, device=x.device, dtype=x.dtype).transpose(1, 2)
-    block_d, seg, warps = config or _conv_config(b, d, l)
+    block_d, seg, warps = config or _conv_config(d)
     seg = triton.cdiv(seg, _CONV_UNROLL) * _CONV_UNROLL
     dummy = s_out
     grid = (b, triton.cdiv(d, block_d), max(1, triton.cdiv(l, seg)))
