@@ -1,10 +1,11 @@
 """Kernel timings at the Mamba-2.8B shapes (d 5120, n 16, r 160, D 2560): our Triton kernels and,
 where installed, the peer kernels of mamba-ssm / causal-conv1d on the same inputs.
 
-``--sweep`` also times the prefill scan's variants (chunked associative scan vs step loop,
-block sizes), which is how its default configuration was chosen.
+``--sweep`` also times each kernel's configurations (the scan's chunked and step-loop variants
+and block sizes, the conv's channel blocks and segment lengths, the GEMVs' and mixer_in's tiles
+and split-K), which is how their defaults were chosen; only defaults go into the table.
 
-    python -m benchmarks.kernels [--sweep] [--out JSON] [--doc docs/performance.md]
+    python -m benchmarks.kernels [--sweep] [--only scan conv step linear mixer_in] [--out JSON] [--doc FILE]
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ def _peer(name):
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sweep", action="store_true", help="also time the prefill scan's variants")
+    ap.add_argument("--sweep", action="store_true", help="also time every kernel's configurations (JSON only)")
     ap.add_argument("--only", nargs="*", default=["scan", "conv", "step", "linear", "mixer_in"],
                     help="kernel groups to time")
     ap.add_argument("--out", default=None)
