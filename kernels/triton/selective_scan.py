@@ -1,10 +1,20 @@
 """Prefill selective scan in Triton: parallel over (sequence, channel block), chunked over time.
 
-Each program keeps its channels' state h (BLOCK_D, n) in fp32 registers and walks the
-sequence in chunks of T steps, in one of two ways (``_config`` picks by grid size): a step
-loop, the T steps unrolled so their loads are in flight together; or the recurrence
-h_t = a_t * h_{t-1} + b_t as an associative scan over (a, b) pairs along time, the T steps
-in log2(T) parallel rounds. Either way the chunk's end state carries into the next chunk.
+Each program keeps its channels' state h in fp32 registers and walks the sequence in chunks
+of T steps, in one of three ways (``_config`` picks by grid size):
+
+- "channel": a step loop in which each thread owns whole channels (all n states of a channel
+  in its registers), so the sum over n for y, the softplus, the gate and the loads and stores
+  of u, delta, z and y are per thread, with no shuffles or shared memory in the loop. It has
+  the fewest instructions per state element and wins once the grid has a warp per 32 channels
+  of at least ~16 sequences;
+- "seq": a step loop over a (BLOCK_D, n) tile that the compiler spreads over lanes along n,
+  more threads per channel, for mid-sized grids;
+- "chunked": the recurrence h_t = a_t * h_{t-1} + b_t as an associative scan over (a, b)
+  pairs along time, the T steps in log2(T) parallel rounds, for a single sequence.
+
+In the step loops the T steps of a chunk are unrolled so their loads are in flight together.
+Either way the chunk's end state carries into the next chunk.
 
 Inputs are read through their strides, so the channel-last views the mixer produces
 (``in_proj(h).transpose(1, 2)``) need no copies, and y is written channel-last for out_proj.
@@ -111,11 +121,111 @@ def _scan_kernel(u, delta, A, B, C, D, z, bias, y, h_in, h_out, idx, lens,
     tl.store(h_out + row * s_ob + rd[:, None] * s_od + rn[None, :], h, mask=m2)
 
 
+@triton.jit
+def _channel_step(h, a2, t, l, length, rd, rn, md, mn, u_b, t_b, z_b, y_b, B_b, C_b, dv, bv,
+                  s_ud, s_ul, s_td, s_tl, s_Bn, s_Bl, s_Cn, s_Cl, s_zd, s_zl, s_yd, s_yl,
+                  HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                  HAS_LENS: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, MASK_T: tl.constexpr):
+    """One step of the "channel" scan: h is (BLOCK_N, BLOCK_D), each thread holding whole columns."""
+    if MASK_T:
+        m = md & ((rd * 0 + t) < l)
+        tc = tl.minimum(t, l - 1)  # B and C are read in bounds past the end; those steps change nothing
+    else:
+        m = md
+        tc = t
+    if EVEN_D and not MASK_T:
+        uu = tl.load(u_b + rd * s_ud + t * s_ul).to(tl.float32)
+        dt = tl.load(t_b + rd * s_td + t * s_tl).to(tl.float32)
+        zz = tl.load(z_b + rd * s_zd + t * s_zl).to(tl.float32) if HAS_Z else None
+    else:
+        uu = tl.load(u_b + rd * s_ud + t * s_ul, mask=m, other=0.0).to(tl.float32)
+        dt = tl.load(t_b + rd * s_td + t * s_tl, mask=m, other=0.0).to(tl.float32)
+        zz = tl.load(z_b + rd * s_zd + t * s_zl, mask=m, other=0.0).to(tl.float32) if HAS_Z else None
+    if EVEN_N:
+        Bt = tl.load(B_b + rn * s_Bn + tc * s_Bl).to(tl.float32)
+        Ct = tl.load(C_b + rn * s_Cn + tc * s_Cl).to(tl.float32)
+    else:
+        Bt = tl.load(B_b + rn * s_Bn + tc * s_Bl, mask=mn, other=0.0).to(tl.float32)
+        Ct = tl.load(C_b + rn * s_Cn + tc * s_Cl, mask=mn, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += bv
+    if SOFTPLUS:  # torch's softplus: identity above 20
+        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+    if HAS_LENS or MASK_T:
+        dt = tl.where((rd * 0 + t) < length, dt, 0.0)  # 0 past the row's end
+    h = tl.exp2(dt[None, :] * a2) * h + Bt[:, None] * (dt * uu)[None, :]
+    yy = tl.sum(h * Ct[:, None], axis=0)
+    if HAS_D:
+        yy += uu * dv
+    if HAS_Z:
+        yy *= zz * tl.sigmoid(zz)
+    if EVEN_D and not MASK_T:
+        tl.store(y_b + rd * s_yd + t * s_yl, yy)
+    else:
+        tl.store(y_b + rd * s_yd + t * s_yl, yy, mask=m)
+    return h
+
+
+@triton.jit
+def _scan_channel_kernel(u, delta, A, B, C, D, z, bias, y, h_in, h_out, idx, lens,
+                         d, l, n,
+                         s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
+                         s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_hb, s_hd, s_ob, s_od,
+                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                         HAS_H0: tl.constexpr, HAS_IDX: tl.constexpr, HAS_LENS: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+                         EVEN_D: tl.constexpr, EVEN_N: tl.constexpr):
+    # The state is (BLOCK_N, BLOCK_D) and only ever built from, or taken apart into, 1D vectors
+    # over channels (A and the states are read and written one n at a time), so the compiler
+    # lays it out with whole channels per thread. A 2D load of the (d, n) state would be laid
+    # out along n, spreading each channel over lanes and costing shuffles and shared-memory
+    # transposes at every step.
+    b, pid_d = tl.program_id(0), tl.program_id(1)
+    row = tl.load(idx + b).to(tl.int64) if HAS_IDX else b.to(tl.int64)  # state row for this sequence
+    rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    rn = tl.arange(0, BLOCK_N)
+    md, mn = rd < d, rn < n
+    length = tl.load(lens + b) if HAS_LENS else l
+    # Padded n rows get A = 0 and B = 0: their state stays 0 and adds nothing to y.
+    a2 = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for k in tl.static_range(BLOCK_N):
+        mk = md & ((rd * 0 + k) < n)
+        ak = tl.load(A + rd * s_Ad + k, mask=mk, other=0.0).to(tl.float32) * 1.4426950408889634
+        a2 = tl.where(rn[:, None] == k, ak[None, :], a2)
+        if HAS_H0:
+            hk = tl.load(h_in + row * s_hb + rd * s_hd + k, mask=mk, other=0.0).to(tl.float32)
+            h = tl.where(rn[:, None] == k, hk[None, :], h)
+    dv = tl.load(D + rd, mask=md, other=0.0).to(tl.float32) if HAS_D else None
+    bv = tl.load(bias + rd, mask=md, other=0.0).to(tl.float32) if HAS_BIAS else None
+    u_b, t_b, z_b, y_b = u + b * s_ub, delta + b * s_tb, z + b * s_zb, y + b * s_yb
+    B_b, C_b = B + b * s_Bb, C + b * s_Cb
+    # Whole chunks without time masks, then the tail with them.
+    l_full = l - l % T
+    for t0 in range(0, l_full, T):
+        for i in tl.static_range(T):
+            h = _channel_step(h, a2, t0 + i, l, length, rd, rn, md, mn, u_b, t_b, z_b, y_b, B_b, C_b, dv, bv,
+                              s_ud, s_ul, s_td, s_tl, s_Bn, s_Bl, s_Cn, s_Cl, s_zd, s_zl, s_yd, s_yl,
+                              HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_LENS, EVEN_D, EVEN_N, False)
+    for t0 in range(l_full, l, T):
+        for i in tl.static_range(T):
+            h = _channel_step(h, a2, t0 + i, l, length, rd, rn, md, mn, u_b, t_b, z_b, y_b, B_b, C_b, dv, bv,
+                              s_ud, s_ul, s_td, s_tl, s_Bn, s_Bl, s_Cn, s_Cl, s_zd, s_zl, s_yd, s_yl,
+                              HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_LENS, EVEN_D, EVEN_N, True)
+    for k in tl.static_range(BLOCK_N):
+        hk = tl.sum(tl.where(rn[:, None] == k, h, 0.0), axis=0)
+        tl.store(h_out + row * s_ob + rd * s_od + k, hk, mask=md & ((rd * 0 + k) < n))
+
+
 def _config(b: int, d: int, n: int) -> tuple[str, int, int, int]:
-    """(kind, BLOCK_D, T, num_warps), from the sweep in benchmarks/kernels.py on an H100 at d 5120, n 16:
-    the step loop with wide channel blocks wins once the grid has enough programs (16 x 768:
-    1.15 ms vs 5.4 ms for the chunked scan); a single sequence needs narrow blocks to fill the
-    GPU, where the chunked scan is faster (1 x 768: 0.28 ms vs 0.44 ms)."""
+    """(kind, BLOCK_D, T, num_warps), from sweeps on an H100 at d 5120, n 16, bf16 inputs:
+    with a warp per 32 channels of at least ~13 sequences the "channel" step loop wins (16 x 768:
+    0.86 ms against 1.17 ms for the "seq" step loop and 2.27 ms for mamba-ssm); with fewer
+    sequences the "seq" loop's extra threads per channel win (4 x 700: 0.46 ms against 0.69 ms);
+    a single sequence needs narrow blocks to fill the GPU, where the chunked scan is faster
+    (1 x 768: 0.29 ms against 0.51 ms for the channel loop)."""
+    if n <= 16 and b * triton.cdiv(d, 32) >= 2048:
+        return "channel", 64, 8, 2
     for block_d in (128, 64, 32):
         if b * triton.cdiv(d, block_d) >= 512:
             return "seq", block_d, 8, 4
@@ -132,7 +242,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     write back those rows; the scan itself always runs in fp32.
     Returns y (b, d, l) in u.dtype (channel-last memory) and the last state (b, d, n) float32,
     or None for it when ``state`` is given (it is in the pool).
-    ``config``: (kind "chunked" | "seq", BLOCK_D, T, num_warps) overrides the tuned default."""
+    ``config``: (kind "channel" | "seq" | "chunked", BLOCK_D, T, num_warps) overrides the tuned default."""
     b, d, l = u.shape
     n = A.shape[-1]
     assert delta.shape == (b, d, l) and B.shape == (b, n, l) and C.shape == (b, n, l), (delta.shape, B.shape)
@@ -150,14 +260,17 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     dummy = h_out
     zz = z if z is not None else u
     grid = (b, triton.cdiv(d, block_d))
-    _scan_kernel[grid](
-        u, delta, A, B, C, D if D is not None else dummy, zz, delta_bias if delta_bias is not None else dummy,
-        y, h_in, h_out, state_indices if state_indices is not None else dummy,
-        lengths if lengths is not None else dummy, d, l, n,
-        *u.stride(), *delta.stride(), A.stride(0), *B.stride(), *C.stride(), *zz.stride(), *y.stride(),
-        h_in.stride(0), h_in.stride(1), h_out.stride(0), h_out.stride(1),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_H0=state is not None or initial_state is not None, HAS_IDX=state_indices is not None,
-        HAS_LENS=lengths is not None, STEP_LOOP=kind == "seq", BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(n),
-        T=T, num_warps=warps)
+    args = (u, delta, A, B, C, D if D is not None else dummy, zz, delta_bias if delta_bias is not None else dummy,
+            y, h_in, h_out, state_indices if state_indices is not None else dummy,
+            lengths if lengths is not None else dummy, d, l, n,
+            *u.stride(), *delta.stride(), A.stride(0), *B.stride(), *C.stride(), *zz.stride(), *y.stride(),
+            h_in.stride(0), h_in.stride(1), h_out.stride(0), h_out.stride(1))
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+                 HAS_H0=state is not None or initial_state is not None, HAS_IDX=state_indices is not None,
+                 HAS_LENS=lengths is not None, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(n), T=T,
+                 num_warps=warps)
+    if kind == "channel":
+        _scan_channel_kernel[grid](*args, **flags, EVEN_D=d % block_d == 0, EVEN_N=n == flags["BLOCK_N"])
+    else:
+        _scan_kernel[grid](*args, **flags, STEP_LOOP=kind == "seq")
     return y, (None if state is not None else h_out)

@@ -72,24 +72,34 @@ def scan_cases():
 
 
 def scan_variant_cases():
-    """Both prefill-scan kernels (the step loop is the default for wide grids, the chunked scan for
-    narrow ones), forced through ``config`` at shapes where the default would pick the other."""
+    """Every prefill-scan kernel ("channel" and "seq" step loops, the chunked scan), forced through
+    ``config`` at shapes where the default would pick another; (kind, config, dtype, n, full)
+    where ``full`` = pool slots, ragged lengths, D, z and delta bias, else none of them."""
     from kernels.triton.selective_scan import selective_scan_triton
 
-    for kind, cfg, dtype in [("seq", ("seq", 16, 8, 2), torch.float32), ("seq", ("seq", 32, 4, 2), torch.bfloat16),
-                             ("chunked", ("chunked", 8, 16, 4), torch.float32)]:
-        b, d, n, l = 2, 40, 16, 21
+    for kind, cfg, dtype, n, full in [("seq", ("seq", 16, 8, 2), torch.float32, 16, True),
+                                      ("seq", ("seq", 32, 4, 2), torch.bfloat16, 16, True),
+                                      ("chunked", ("chunked", 8, 16, 4), torch.float32, 16, True),
+                                      ("channel", ("channel", 32, 8, 1), torch.float32, 16, True),  # d % 32 != 0
+                                      ("channel", ("channel", 64, 4, 2), torch.bfloat16, 5, True),  # n < BLOCK_N
+                                      ("channel", ("channel", 8, 8, 1), torch.float16, 16, False)]:  # d % 8 == 0
+        b, d, l = 2, 40, 21
         r = rng(len(results))
         u, z, delta = r(b, d, l).to(dtype), r(b, d, l).to(dtype), (r(b, d, l) * 0.5).to(dtype)
         A, B, C, D, bias = -torch.exp(r(d, n) * 0.5), r(b, n, l).to(dtype), r(b, n, l).to(dtype), r(d), r(d) * 0.1
-        pool, idx, lengths = r(b + 2, d, n), torch.tensor([3, 0]), torch.tensor([21, 9])
-        p_ref, p_tri = pool.clone(), pool.clone()
-        y_ref, _ = K.selective_scan_ref(u, delta, A, B, C, D, z, bias, True, lengths=lengths, state=p_ref,
-                                        state_indices=idx)
-        y_tri, _ = selective_scan_triton(u, delta, A, B, C, D, z, bias, True, lengths=lengths, state=p_tri,
-                                         state_indices=idx, config=cfg)
-        valid = (torch.arange(l)[None, :] < lengths[:, None])[:, None]
-        record(f"selective_scan_{kind}", cfg, dtype, y_err=err(y_tri * valid, y_ref * valid),
+        if full:
+            pool, idx, lengths = r(b + 2, d, n), torch.tensor([3, 0]), torch.tensor([21, 9])
+            p_ref, p_tri = pool.clone(), pool.clone()
+            kw = [dict(lengths=lengths, state=p, state_indices=idx) for p in (p_ref, p_tri)]
+            y_ref, _ = K.selective_scan_ref(u, delta, A, B, C, D, z, bias, True, **kw[0])
+            y_tri, _ = selective_scan_triton(u, delta, A, B, C, D, z, bias, True, **kw[1], config=cfg)
+            valid = (torch.arange(l)[None, :] < lengths[:, None])[:, None]
+        else:
+            h0 = r(b, d, n)
+            y_ref, p_ref = K.selective_scan_ref(u, delta, A, B, C, delta_softplus=True, initial_state=h0)
+            y_tri, p_tri = selective_scan_triton(u, delta, A, B, C, delta_softplus=True, initial_state=h0, config=cfg)
+            valid = torch.ones(1, 1, l)
+        record(f"selective_scan_{kind}", list(cfg) + [n, full], dtype, y_err=err(y_tri * valid, y_ref * valid),
                state_err=err(p_tri, p_ref), y_scale=y_ref.float().abs().max().item(),
                same_dtype=y_tri.dtype == y_ref.dtype)
 
