@@ -1,8 +1,8 @@
 """Kernel timings at the Mamba-2.8B shapes (d 5120, n 16, r 160, D 2560): our Triton kernels and,
 where installed, the peer kernels of mamba-ssm / causal-conv1d on the same inputs.
 
-``--sweep`` also times each kernel's configurations (the scan's chunked and step-loop variants
-and block sizes, the conv's channel blocks and segment lengths, the GEMVs' and mixer_in's tiles
+``--sweep`` also times each kernel's configurations (the scan's chunked, "seq" and "channel"
+variants and block sizes, at 4 and 8 sequences too, where the step loops cross over, the conv's channel blocks and segment lengths, the GEMVs' and mixer_in's tiles
 and split-K), which is how their defaults were chosen; only defaults go into the table.
 
     python -m benchmarks.kernels [--sweep] [--only scan conv step linear mixer_in] [--out JSON] [--doc FILE]
@@ -60,7 +60,7 @@ def scan_rows(sweep: bool) -> list[dict]:
     from kernels.triton.selective_scan import selective_scan_triton
 
     rows, g = [], torch.Generator(device="cuda").manual_seed(0)
-    for b, l in [(1, 768), (16, 768)]:
+    for b, l in [(1, 768), (16, 768)] + ([(4, 768), (8, 768)] if sweep else []):
         u, delta, A, B, C, Dv, z, bias = scan_inputs(b, l, g)
         pool, idx = torch.zeros(b, D_IN, N, device="cuda"), torch.arange(b, device="cuda")
         configs = [None]
@@ -69,6 +69,8 @@ def scan_rows(sweep: bool) -> list[dict]:
                                                                (16, 8, 4), (16, 16, 8), (4, 32, 4)]]
             configs += [("seq", bd, t, w) for bd, t, w in [(32, 8, 4), (64, 8, 4), (16, 8, 2), (32, 4, 2),
                                                            (64, 4, 4), (128, 8, 4), (32, 16, 4), (64, 16, 8)]]
+            configs += [("channel", bd, t, w) for bd, t, w in [(32, 8, 1), (64, 8, 2), (128, 8, 4), (256, 8, 8),
+                                                               (64, 4, 2), (64, 16, 2)]]
         for cfg in configs:
             ms = bench(lambda: selective_scan_triton(u, delta, A, B, C, Dv, z, bias, True, state=pool,
                                                      state_indices=idx, config=cfg))
