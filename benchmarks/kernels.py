@@ -2,8 +2,9 @@
 where installed, the peer kernels of mamba-ssm / causal-conv1d on the same inputs.
 
 ``--sweep`` also times each kernel's configurations (the scan's chunked, "seq" and "channel"
-variants and block sizes, at 4 and 8 sequences too, where the step loops cross over, the conv's channel blocks and segment lengths, the GEMVs' and mixer_in's tiles
-and split-K), which is how their defaults were chosen; only defaults go into the table.
+variants and block sizes, also at 4 and 8 sequences, where the step loops cross over; the
+conv's channel blocks and segment lengths; the GEMVs' and mixer_in's tiles and split-K), which
+is how their defaults were chosen; only defaults go into the table.
 
     python -m benchmarks.kernels [--sweep] [--only scan conv step linear mixer_in] [--out JSON] [--doc FILE]
 """
