@@ -49,9 +49,10 @@ def machine(device) -> dict:
     return info
 
 
-def write_json(result: dict, out: str | None) -> None:
+def write_json(result: dict, out: str | None, quiet: bool = False) -> None:
     text = json.dumps(result, indent=2)
-    print(text)
+    if not quiet:
+        print(text)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")

@@ -5,7 +5,9 @@ allow), prompts are random token ids, decoding is greedy with no early stop. Eac
 warmed up once at exactly the shapes it is timed at (mamba-ssm recaptures its CUDA graph when
 max_length changes). Definitions, the same for every system:
 
-- prefill tok/s = b * prompt / (time of one forward over the (b, prompt) batch);
+- prefill tok/s = b * prompt / (time of one forward over the (b, prompt) batch); ours through
+  the engine's prefill path, which replays a CUDA graph for batches of up to 2048 (padded)
+  tokens and launches eagerly beyond (the JSON also has the eager figure, prefill_eager_tok_s);
 - decode tok/s  = b * new / (time of prompt + new tokens - prefill time);
 - ours (engine): requests through :class:`server.engine.Engine` (admission, batched prefill,
   CUDA-graph decode, per-request sampling and detokenizing); ours (graph loop): the model's
@@ -57,8 +59,17 @@ def _preset_config():
 
 # ---- ours -------------------------------------------------------------------------------------
 def ours_prefill(model, ids, state, repeats):
+    """The LM's prefill launched eagerly, kernel by kernel."""
     slots = torch.arange(ids.shape[0], device=ids.device)
     fn = lambda: model.llm(ids, state=state, slots=slots, last_only=True)
+    fn()
+    return timed(fn, ids.device, repeats)
+
+
+def engine_prefill(engine, ids, repeats):
+    """The engine's prefill path: replayed from a CUDA graph where a batch x length bucket holds it."""
+    slots = torch.arange(ids.shape[0], device=ids.device)
+    fn = lambda: engine.prefill_logits(ids, None, slots, None)
     fn()
     return timed(fn, ids.device, repeats)
 
@@ -94,11 +105,11 @@ def engine_generate(engine, prompts: list[list[int]], new: int) -> tuple[float, 
 
 
 def graph_loop(engine, model, ids, new):
-    """Prefill, then ``new`` greedy steps replayed from the engine's decode graphs."""
+    """The engine's prefill, then ``new`` greedy steps replayed from the engine's decode graphs."""
     b = ids.shape[0]
     slots = torch.arange(b, device=ids.device)
     engine.state.reset(slots)
-    tok = model.llm(ids, state=engine.state, slots=slots, last_only=True).argmax(-1)
+    tok = engine.prefill_logits(ids, None, slots, None).argmax(-1)
     for _ in range(new - 1):
         logits = engine.graphs.step(tok, slots) if engine.graphs is not None else model.step(
             tok, state=engine.state, slots=slots)
@@ -127,8 +138,9 @@ def bench_ours(args, cfg, device, dtype) -> tuple[list[dict], object]:
             prompts = ids.tolist()
             ids = ids.to(device)
             state = model.allocate_state(b, ssm_dtype=engine.state.ssm.dtype)
-            t_pre, _ = ours_prefill(model, ids, state, args.repeats)
+            t_eager, _ = ours_prefill(model, ids, state, args.repeats)
             del state
+            t_pre, _ = engine_prefill(engine, ids, args.repeats)
             engine.config.max_prefill_seqs = b
             engine_generate(engine, prompts, args.new)  # warm-up at these shapes
             torch.cuda.reset_peak_memory_stats() if torch.device(device).type == "cuda" else None
@@ -138,7 +150,9 @@ def bench_ours(args, cfg, device, dtype) -> tuple[list[dict], object]:
             t_loop, _ = timed(lambda: graph_loop(engine, model, ids, args.new), device, args.repeats)
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if torch.device(device).type == "cuda" else None
             rows.append({"system": name, "batch": b, "peak_gib_engine_run": peak, "prefill_s": t_pre,
-                         "prefill_tok_s": b * args.prompt / t_pre,
+                         "prefill_tok_s": b * args.prompt / t_pre, "prefill_eager_tok_s": b * args.prompt / t_eager,
+                         "prefill_graph": engine.prefill_graphs is not None
+                         and engine.prefill_graphs.bucket(b, args.prompt) is not None,
                          "engine_decode_tok_s": b * args.new / (total - first), "engine_total_s": total,
                          "loop_decode_tok_s": b * args.new / max(t_loop - t_pre, 1e-9), "loop_total_s": t_loop})
             print(rows[-1], flush=True)
@@ -341,9 +355,11 @@ def main(argv=None) -> dict:
               "padded_vocab_size": cfg.padded_vocab_size}, "prompt": args.prompt, "new": args.new, "dtype": str(dtype).removeprefix("torch."),
               "command": "python -m benchmarks.decode " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
               "rows": []}
+    partial = lambda: write_json(result, args.out, quiet=True)  # a run cut short keeps what it measured
     if "ours" in args.systems:
         rows, ours = bench_ours(args, cfg, device, dtype)
         result["rows"] += rows
+        partial()
     else:  # the peers still take our weights
         ours = build_ours(cfg, device, dtype, args.backend)[0]
     if "mamba-ssm" in args.systems and device.type == "cuda":
@@ -351,6 +367,7 @@ def main(argv=None) -> dict:
             result["rows"] += bench_mamba_ssm(args, cfg, ours, device)
         except ImportError as e:
             result["rows"].append({"system": "mamba-ssm", "skipped": f"not installed: {e}"})
+        partial()
     del ours
     gc.collect()
     torch.cuda.empty_cache() if device.type == "cuda" else None

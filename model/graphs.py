@@ -1,8 +1,10 @@
-"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+"""Decode steps, short prefills and image encoding replayed from CUDA graphs.
 
 A decode step of a 64-layer Mamba is a few hundred small kernels; launching them one by one
 from Python costs more than running them at small batch. Capturing the step once per bucket
-and replaying it removes that cost. Invariants:
+and replaying it removes that cost. The same holds for a prefill of up to a few thousand
+tokens (:class:`GraphPrefill`, buckets of batch x length) and for the image tower at a few
+images (:class:`GraphEncoder`). Invariants of the decode graphs:
 
 - the graphs read token ids and slot indices from static buffers, so a step copies its
   inputs in and replays; rows past the live batch point at ``scratch_slot``, a pool row no
@@ -81,3 +83,155 @@ class GraphDecoder:
         graph, out = self.graphs[size]
         graph.replay()
         return out[:b]
+
+
+# Prompt lengths prefill graphs are captured at: fine steps for short prompts, 128 tokens apart beyond 256.
+PREFILL_LENGTHS = (16, 32, 48, 64, 96, 128, 192, 256) + tuple(range(384, 8193, 128))
+
+
+def prefill_shapes(max_batch: int, max_tokens: int) -> list[tuple[int, int]]:
+    """The (batch, length) buckets of prefill graphs: batch buckets up to ``max_batch`` times
+    :data:`PREFILL_LENGTHS`, at most ``max_tokens`` tokens each."""
+    return [(b, l) for b in buckets_for(max_batch) for l in PREFILL_LENGTHS if b * l <= max_tokens]
+
+
+class GraphPrefill:
+    """``run(embeds, slots, lengths)`` like ``llm(inputs_embeds=embeds, state=state, slots=slots,
+    lengths=lengths, last_only=True)``, replayed from a CUDA graph captured at the smallest
+    (batch, length) bucket that holds the batch.
+
+    Launching a 64-layer prefill from Python costs tens of milliseconds of host time whatever
+    its size, so prompts of up to a few thousand tokens are bound by the launches, not the GPU;
+    the graphs remove that. Invariants:
+
+    - the batch is copied into static buffers: each row right-padded with zero embeddings up to
+      the bucket's length, with its true length kept, so the scan carries the state through the
+      padding unchanged and the conv state is taken at the row's length; rows past the batch
+      have length 1 and point at ``scratch_slot``, a pool row no sequence owns;
+    - the returned logits are a view of the graph's output buffer, valid until the next replay;
+    - batches that fit no bucket run eagerly, unpadded.
+
+    ``use_graphs=False`` runs the padded path eagerly instead of replaying it: what the graphs
+    run, on any device (the tests compare it with the unpadded prefill).
+    """
+
+    def __init__(self, llm, state, scratch_slot: int, max_batch: int, max_tokens: int = 2048,
+                 use_graphs: bool = True):
+        self.llm, self.state, self.scratch, self.use_graphs = llm, state, scratch_slot, use_graphs
+        self.shapes = prefill_shapes(max_batch, max_tokens)
+        weight = llm.backbone.embedding.weight
+        self.device, self.dim, top = weight.device, weight.shape[1], max((b for b, _ in self.shapes), default=0)
+        # One flat buffer, so that every (b, l) view of it is contiguous.
+        self._embeds = torch.zeros(max((b * l for b, l in self.shapes), default=0) * self.dim,
+                                   dtype=weight.dtype, device=self.device)
+        self._slots = torch.full((top,), scratch_slot, dtype=torch.long, device=self.device)
+        self._lengths = torch.ones(top, dtype=torch.long, device=self.device)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.replays = 0
+
+    def bucket(self, b: int, l: int) -> tuple[int, int] | None:
+        """The smallest bucket holding a (b, l) batch (fewest padded tokens), or None."""
+        fits = [s for s in self.shapes if s[0] >= b and s[1] >= l]
+        return min(fits, key=lambda s: (s[0] * s[1], s[0])) if fits else None
+
+    def _view(self, shape: tuple[int, int]) -> torch.Tensor:
+        return self._embeds[: shape[0] * shape[1] * self.dim].view(*shape, self.dim)
+
+    def _padded(self, shape: tuple[int, int]) -> torch.Tensor:
+        return self.llm(inputs_embeds=self._view(shape), state=self.state, slots=self._slots[: shape[0]],
+                        lengths=self._lengths[: shape[0]], last_only=True)
+
+    @torch.inference_mode()
+    def capture(self) -> "GraphPrefill":
+        """Capture every bucket, largest first, into one memory pool. The buffers hold padding
+        while capturing, so the warm-up runs and captures only touch the scratch slot."""
+        if not self.use_graphs:
+            return self
+        pool = torch.cuda.graph_pool_handle()
+        self._slots.fill_(self.scratch)
+        self._lengths.fill_(1)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm-up compiles kernels and sizes allocator blocks
+            for shape in self.shapes:
+                self._padded(shape)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        for shape in sorted(self.shapes, key=lambda s: s[0] * s[1], reverse=True):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._padded(shape)
+            self.graphs[shape] = (graph, out)
+        torch.cuda.synchronize(self.device)
+        log.info("captured %d prefill graphs (batch x length up to %s)", len(self.graphs),
+                 max(self.shapes, key=lambda s: s[0] * s[1]) if self.shapes else None)
+        return self
+
+    def run(self, embeds: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """embeds (b, l, D) in the model dtype, slots (b,), lengths (b,) or None (all l) -> logits (b, V)."""
+        b, l, _ = embeds.shape
+        shape = self.bucket(b, l)
+        if shape is None:
+            return self.llm(inputs_embeds=embeds, state=self.state, slots=slots, lengths=lengths, last_only=True)
+        rows = shape[0]
+        buf = self._view(shape)
+        buf[:b, :l].copy_(embeds)
+        buf[:b, l:].zero_()
+        buf[b:].zero_()
+        self._slots[:b].copy_(slots)
+        self._slots[b:rows].fill_(self.scratch)
+        if lengths is None:
+            self._lengths[:b].fill_(l)
+        else:
+            self._lengths[:b].copy_(lengths)
+        self._lengths[b:rows].fill_(1)
+        if not self.use_graphs:
+            return self._padded(shape)[:b]
+        graph, out = self.graphs[shape]
+        graph.replay()
+        self.replays += 1
+        return out[:b]
+
+
+class GraphEncoder:
+    """``run(pixel_values)`` like ``encode(pixel_values)`` (images (i, ...) -> (i, p, D)),
+    replayed from CUDA graphs captured at image-count buckets up to ``max_images``: the image
+    tower of one image is a few hundred small kernels, launched in a fraction of the time
+    Python takes to issue them. Padding images are zeros and their outputs are dropped; more
+    images than the largest bucket run eagerly. The output is valid until the next replay."""
+
+    def __init__(self, encode, pixel_shape: tuple[int, ...], dtype: torch.dtype, device, max_images: int = 8):
+        self.encode, self.device = encode, torch.device(device)
+        self.buckets = buckets_for(max_images)
+        self._pixels = torch.zeros(self.buckets[-1], *pixel_shape, dtype=dtype, device=self.device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.replays = 0
+
+    @torch.inference_mode()
+    def capture(self) -> "GraphEncoder":
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for i in self.buckets:
+                self.encode(self._pixels[:i])
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        for i in reversed(self.buckets):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.encode(self._pixels[:i])
+            self.graphs[i] = (graph, out)
+        torch.cuda.synchronize(self.device)
+        log.info("captured image-encoder graphs for %s images", self.buckets)
+        return self
+
+    def run(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        i = pixel_values.shape[0]
+        size = next((s for s in self.buckets if s >= i), None)
+        if size is None or pixel_values.shape[1:] != self._pixels.shape[1:]:
+            return self.encode(pixel_values)
+        self._pixels[:i].copy_(pixel_values)
+        self._pixels[i:size].zero_()
+        graph, out = self.graphs[size]
+        graph.replay()
+        self.replays += 1
+        return out[:i]

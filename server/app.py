@@ -133,7 +133,8 @@ def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         metrics = Metrics()
         cfg = EngineConfig(settings.max_num_seqs, settings.max_prefill_seqs, int(settings.state_cache_gb * 2**30),
-                           cuda_graphs=not settings.no_cuda_graphs, state_dtype=settings.state_dtype)
+                           cuda_graphs=not settings.no_cuda_graphs, state_dtype=settings.state_dtype,
+                           prefill_graph_tokens=settings.prefill_graph_tokens)
         engine, proc, name = await _start_engine(settings, loaded, cfg, metrics)
         metrics.attach(engine)
         limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,

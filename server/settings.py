@@ -48,7 +48,10 @@ class ServerSettings:
                                        "config.json (benchmarks at a real model's shape without its weights)")
     state_dtype: str = _opt("float32", "storage of the recurrent SSM states: float32 (exact) or bfloat16 (half the "
                                        "memory and decode traffic per sequence; the math stays fp32)")
-    no_cuda_graphs: bool = _opt(False, "run decode steps eagerly on GPU instead of replaying CUDA graphs")
+    no_cuda_graphs: bool = _opt(False, "run decode steps, prefills and image encoding eagerly on GPU instead of "
+                                       "replaying CUDA graphs")
+    prefill_graph_tokens: int = _opt(2048, "prefill batches of up to this many tokens (padded to a graph's "
+                                           "batch x length bucket) replay CUDA graphs; 0: always eager")
     no_engine_process: bool = _opt(False, "run the engine in a thread of the HTTP server's process instead of a "
                                           "process of its own (simpler to debug; slower under many streams, "
                                           "where HTTP work and the engine share one interpreter lock)")

@@ -54,7 +54,9 @@ class EngineConfig:
     max_num_seqs: int = 16
     max_prefill_seqs: int = 8
     state_cache_bytes: int = 1 << 30
-    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA devices only)
+    cuda_graphs: bool = True  # replay decode steps, short prefills and image encoding from CUDA graphs (CUDA only)
+    prefill_graph_tokens: int = 2048  # prefills of up to this many padded tokens replay graphs; 0: all eager
+    encoder_graph_images: int = 8  # image batches of up to this many replay graphs; 0: all eager
     state_dtype: str = "float32"  # storage of the SSM states: float32 or bfloat16
 
     def __post_init__(self):
@@ -84,11 +86,16 @@ class Engine:
         # With graphs, one extra slot past the engine's own takes the writes of padding rows.
         self.state = model.allocate_state(self.config.max_num_seqs + use_graphs,
                                           ssm_dtype=getattr(torch, self.config.state_dtype))
-        self.graphs = None
+        self.graphs = self.prefill_graphs = self.encoder_graphs = None
         if use_graphs:
-            from model.graphs import GraphDecoder
+            from model.graphs import GraphDecoder, GraphPrefill
 
-            self.graphs = GraphDecoder(model, self.state, self.config.max_num_seqs, self.config.max_num_seqs).capture()
+            scratch = self.config.max_num_seqs
+            self.graphs = GraphDecoder(model, self.state, scratch, self.config.max_num_seqs).capture()
+            if self.config.prefill_graph_tokens > 0:
+                self.prefill_graphs = GraphPrefill(model.llm, self.state, scratch,
+                                                   min(self.config.max_prefill_seqs, self.config.max_num_seqs),
+                                                   self.config.prefill_graph_tokens).capture()
         self.cache = StateCache(self.config.state_cache_bytes)
         self.free_slots = list(range(self.config.max_num_seqs))[::-1]
         self.waiting: deque[EngineRequest] = deque()
@@ -107,8 +114,25 @@ class Engine:
         self._flip = 0
         self._mask = logits_mask(model.llm.config.padded_vocab_size, len(processor.tokenizer),
                                  (processor.image_token_id,), self.device)
+        if use_graphs and self.config.encoder_graph_images > 0:
+            self.encoder_graphs = self._capture_encoder()
         if self.device.type == "cuda":
             self.warm_up()
+
+    def _capture_encoder(self):
+        """Graphs of the image encoder at the processor's pixel shape; None (eager) if it cannot be
+        captured (an encoder that synchronizes with the host, say)."""
+        from PIL import Image
+
+        from model.graphs import GraphEncoder
+
+        pix = self.processor.preprocess_images([Image.new("RGB", (64, 64))])
+        try:
+            return GraphEncoder(self.model.encode_images, tuple(pix.shape[1:]), pix.dtype, self.device,
+                                self.config.encoder_graph_images).capture()
+        except Exception:  # noqa: BLE001 - encoding still works eagerly
+            log.warning("image encoder could not be captured in CUDA graphs; encoding eagerly", exc_info=True)
+            return None
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -264,12 +288,27 @@ class Engine:
         ids = torch.zeros(len(reqs), int(lengths.max()), dtype=torch.long)
         for i, s in enumerate(suffixes):
             ids[i, : len(s)] = torch.tensor(s)
-        pix = torch.stack(images).to(self.device) if images else None
         slots = torch.tensor([r.slot for r in reqs], device=self.device)
-        logits = self.model(ids.to(self.device), pix, state=self.state, slots=slots, lengths=lengths, last_only=True)
+        logits = self.prefill_logits(ids.to(self.device), torch.stack(images).to(self.device) if images else None,
+                                     slots, lengths)
         for r in reqs:  # the prompt's end: a resume point even if the reply does not re-tokenize the same
             self.cache.store(r.scope, r.session_id, r.prompt_key, len(r.prompt_ids), self.state.read(r.slot))
         self._emit(reqs, logits)
+
+    def prefill_logits(self, ids: torch.Tensor, pixel_values: torch.Tensor | None, slots: torch.Tensor,
+                       lengths: torch.Tensor | None) -> torch.Tensor:
+        """Prefill right-padded ids (b, l) with their images into the slots -> last logits (b, V):
+        the image encoder and the LM from CUDA graphs where a bucket holds the batch."""
+        if pixel_values is None:
+            image_embeds = None
+        elif self.encoder_graphs is not None:
+            image_embeds = self.encoder_graphs.run(pixel_values)
+        else:
+            image_embeds = self.model.encode_images(pixel_values)
+        embeds = self.model.embed(ids, image_embeds)
+        if self.prefill_graphs is not None:
+            return self.prefill_graphs.run(embeds, slots, lengths)
+        return self.model.llm(inputs_embeds=embeds, state=self.state, slots=slots, lengths=lengths, last_only=True)
 
     def _suffix_images(self, reqs: list[EngineRequest]) -> list[torch.Tensor]:
         """Pixel values of the images whose placeholders lie in the uncached suffixes, in order.

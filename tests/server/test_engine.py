@@ -145,3 +145,33 @@ def test_warm_up_leaves_no_trace(demo):
         assert col.text == s.qas[0].answer
     finally:
         eng.shutdown()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engine_on_gpu_answers_through_graphs_like_on_cpu():
+    """On CUDA the engine replays image encoding, short prefills and decode steps from graphs;
+    the demo model still answers every question as on the CPU, and a second turn resumes."""
+    from model.checkpoint_vlm import load_vlmamba
+    from model.demo import DEMO_CHECKPOINT
+
+    model, proc = load_vlmamba(DEMO_CHECKPOINT, device="cuda")
+    eng = Engine(model, proc, EngineConfig(max_num_seqs=8, max_prefill_seqs=4))
+    assert eng.graphs is not None and eng.prefill_graphs is not None and eng.encoder_graphs is not None
+    eng.start()
+    try:
+        samples = [make_sample("test", i) for i in range(12)]
+        qas = [s.qas[i % len(s.qas)] for i, s in enumerate(samples)]
+        cols = [Collector() for _ in samples]
+        for i, (s, qa, c) in enumerate(zip(samples, qas, cols)):
+            eng.add_request(make_request(proc, f"g{i}", [user(qa.question)], [s.image()], c))
+        _wait(cols)
+        assert [c.text for c in cols] == [qa.answer for qa in qas]
+        turn2 = [user(qas[0].question), {"role": "assistant", "content": cols[0].text},
+                 user(samples[0].qas[-1].question, with_image=False)]
+        c2 = Collector()
+        eng.add_request(make_request(proc, "g-turn2", turn2, [samples[0].image()], c2))
+        _wait([c2])
+        assert c2.final.cached_tokens > 64 and c2.text == samples[0].qas[-1].answer
+        assert eng.prefill_graphs.replays > 0 and eng.encoder_graphs.replays > 0
+    finally:
+        eng.shutdown()
