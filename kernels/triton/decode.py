@@ -74,6 +74,8 @@ def mixer_in_triton(normed, in_weight, conv_state, conv_weight, conv_bias, state
     z = torch.empty(b, d, device=normed.device, dtype=normed.dtype)
     # From the sweep in benchmarks/kernels.py (H100, 2.8B shapes); 16-channel blocks for other widths.
     block_n, block_k, stages, warps = config or ((32, 128, 3, 4) if b <= 4 else (64, 256, 4, 4))
+    if config is None and in_weight.element_size() > 2:
+        block_k //= 2  # fp32 weights: the same bytes per pipeline stage (the 16-bit tiles fill shared memory)
     if d % block_n:
         block_n = 16
     assert d % block_n == 0
