@@ -305,6 +305,13 @@ def report(result: dict, batches: list[int]) -> str:
             f"Model: d_model {result['config']['d_model']}, {result['config']['n_layer']} layers, vocab "
             f"{result['config']['padded_vocab_size']}, random {result['dtype']} weights; prompt {result['prompt']}, "
             f"{result['new']} new tokens, greedy. Command: `{result['command']}`.", "", markdown_table(header, table)]
+    eager = [f"B={r['batch']}: {r['prefill_eager_tok_s']:,.0f} tok/s" for r in result["rows"]
+             if r.get("system") == "ours" and "prefill_eager_tok_s" in r]
+    graphed = [str(r["batch"]) for r in result["rows"] if r.get("system") == "ours" and r.get("prefill_graph")]
+    if eager:
+        text += ["", f"Our prefill runs the engine's path: replayed from a CUDA graph at B={', '.join(graphed) or 'none'} "
+                     f"(batch x length buckets of up to 2048 tokens), launched eagerly otherwise. The same prefill "
+                     f"launched eagerly: {', '.join(eager)}.", ""]
     for r in result["rows"]:
         if "parity" in r:
             p = r["parity"]

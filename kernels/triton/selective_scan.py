@@ -219,14 +219,14 @@ def _scan_channel_kernel(u, delta, A, B, C, D, z, bias, y, h_in, h_out, idx, len
 
 def _config(b: int, d: int, n: int) -> tuple[str, int, int, int]:
     """(kind, BLOCK_D, T, num_warps), from sweeps on an H100 at d 5120, n 16, bf16 inputs.
-    With a warp per 32 channels of 16 sequences the "channel" step loop wins (16 x 768: 0.85-1.0 ms
-    against 1.05-1.16 ms for the "seq" step loop in the same runs; mamba-ssm 2.27 ms); with 4
-    sequences the "seq" loop's extra threads per channel win (4 x 700: 0.46 ms against 0.69 ms).
-    Between 4 and 16 the crossover was not measured; the switch sits at 2048 warps (13 sequences
-    at d 5120, about 4 warps per SM scheduler of an H100).
-    A single sequence needs narrow blocks to fill the GPU, where the chunked scan is faster
-    (1 x 768: 0.29 ms against 0.51 ms for the channel loop). T 8 beats 4 and 16 for the channel
-    loop (16 x 768: 1.0 ms against 1.10 and 1.23 ms)."""
+    With a warp per 32 channels of 16 sequences the "channel" step loop wins (16 x 768: 0.99 ms
+    against 1.15 ms for the best "seq" configuration; mamba-ssm 2.27 ms); with 4 or 8 sequences
+    the "seq" loop's extra threads per channel win (4 x 768: 0.49 against 0.83 ms; 8 x 768: 0.79
+    against 0.88 ms), so the switch sits at 2048 warps (13 sequences at d 5120, about 4 warps per
+    SM scheduler of an H100). A single sequence needs narrow blocks to fill the GPU (1 x 768:
+    chunked 0.27 ms, channel loop 0.50 ms). Figures from ``python -m benchmarks.kernels --sweep
+    --only scan``; T 8 beat 4 and 16 for the channel loop (16 x 768: 1.0 ms against 1.10 and
+    1.23 ms, a development script)."""
     if n <= 16 and b * triton.cdiv(d, 32) >= 2048:
         return "channel", 64, 8, 2
     for block_d in (128, 64, 32):
