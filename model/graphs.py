@@ -31,6 +31,32 @@ def buckets_for(max_batch: int) -> list[int]:
     return [b for b in BUCKETS if b < top] + [top]
 
 
+def bucket_for(buckets: list[int], n: int) -> int | None:
+    """The smallest of the ascending ``buckets`` that holds ``n``, or None."""
+    return next((s for s in buckets if s >= n), None)
+
+
+def capture_graphs(device, keys, run) -> dict:
+    """CUDA graphs of ``run(key)`` for every key, as {key: (graph, output)}: each key runs once on
+    a side stream first (compiling kernels and sizing allocator blocks), then is captured in the
+    order given (largest first, so the smaller ones reuse its memory) into one memory pool."""
+    pool = torch.cuda.graph_pool_handle()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for key in keys:
+            run(key)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graphs = {}
+    for key in keys:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = run(key)
+        graphs[key] = (graph, out)
+    torch.cuda.synchronize(device)
+    return graphs
+
+
 class GraphDecoder:
     """``step(ids, slots)`` like ``model.step``, replayed from a captured CUDA graph.
 
@@ -51,25 +77,14 @@ class GraphDecoder:
     @torch.inference_mode()
     def capture(self) -> "GraphDecoder":
         """Capture every bucket, largest first so the smaller ones reuse its memory pool."""
-        pool = torch.cuda.graph_pool_handle()
         self.slots.fill_(self.scratch)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm-up compiles kernels and sizes allocator blocks
-            for b in self.buckets:
-                self.model.step(self.ids[:b], state=self.state, slots=self.slots[:b])
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        for b in reversed(self.buckets):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self.model.step(self.ids[:b], state=self.state, slots=self.slots[:b])
-            self.graphs[b] = (graph, out)
-        torch.cuda.synchronize(self.device)
+        self.graphs = capture_graphs(self.device, self.buckets[::-1], lambda b: self.model.step(
+            self.ids[:b], state=self.state, slots=self.slots[:b]))
         log.info("captured decode graphs for batch sizes %s", self.buckets)
         return self
 
     def bucket(self, b: int) -> int | None:
-        return next((s for s in self.buckets if s >= b), None)
+        return bucket_for(self.buckets, b)
 
     def step(self, input_ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """input_ids, slots: (b,) on the device -> logits (b, V)."""
@@ -147,21 +162,10 @@ class GraphPrefill:
         while capturing, so the warm-up runs and captures only touch the scratch slot."""
         if not self.use_graphs:
             return self
-        pool = torch.cuda.graph_pool_handle()
         self._slots.fill_(self.scratch)
         self._lengths.fill_(1)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm-up compiles kernels and sizes allocator blocks
-            for shape in self.shapes:
-                self._padded(shape)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        for shape in sorted(self.shapes, key=lambda s: s[0] * s[1], reverse=True):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._padded(shape)
-            self.graphs[shape] = (graph, out)
-        torch.cuda.synchronize(self.device)
+        self.graphs = capture_graphs(self.device, sorted(self.shapes, key=lambda s: s[0] * s[1], reverse=True),
+                                     self._padded)
         log.info("captured %d prefill graphs (batch x length up to %s)", len(self.graphs),
                  max(self.shapes, key=lambda s: s[0] * s[1]) if self.shapes else None)
         return self
@@ -208,25 +212,13 @@ class GraphEncoder:
 
     @torch.inference_mode()
     def capture(self) -> "GraphEncoder":
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for i in self.buckets:
-                self.encode(self._pixels[:i])
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        for i in reversed(self.buckets):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self.encode(self._pixels[:i])
-            self.graphs[i] = (graph, out)
-        torch.cuda.synchronize(self.device)
+        self.graphs = capture_graphs(self.device, self.buckets[::-1], lambda i: self.encode(self._pixels[:i]))
         log.info("captured image-encoder graphs for %s images", self.buckets)
         return self
 
     def run(self, pixel_values: torch.Tensor) -> torch.Tensor:
         i = pixel_values.shape[0]
-        size = next((s for s in self.buckets if s >= i), None)
+        size = bucket_for(self.buckets, i)
         if size is None or pixel_values.shape[1:] != self._pixels.shape[1:]:
             return self.encode(pixel_values)
         self._pixels[:i].copy_(pixel_values)

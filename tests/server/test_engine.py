@@ -22,14 +22,21 @@ def _wait(collectors, timeout=60):
         assert c.done.wait(timeout), "request did not finish"
 
 
-def test_concurrent_requests_are_batched_and_correct(engine, demo):
-    _, proc = demo
+def _ask_twelve(engine, proc, prefix):
+    """Twelve test scenes, one question each, all submitted at once; waits for the answers.
+    Returns (samples, their questions, the collectors)."""
     samples = [make_sample("test", i) for i in range(12)]
     qas = [s.qas[i % len(s.qas)] for i, s in enumerate(samples)]
     cols = [Collector() for _ in samples]
     for i, (s, qa, c) in enumerate(zip(samples, qas, cols)):
-        engine.add_request(make_request(proc, f"r{i}", [user(qa.question)], [s.image()], c))
+        engine.add_request(make_request(proc, f"{prefix}{i}", [user(qa.question)], [s.image()], c))
     _wait(cols)
+    return samples, qas, cols
+
+
+def test_concurrent_requests_are_batched_and_correct(engine, demo):
+    _, proc = demo
+    samples, qas, cols = _ask_twelve(engine, proc, "r")
     answers = [c.text for c in cols]
     assert answers == [qa.answer for qa in qas]
     assert all(c.final.finish_reason == "stop" and c.final.prompt_tokens > 64 for c in cols)
@@ -159,12 +166,7 @@ def test_engine_on_gpu_answers_through_graphs_like_on_cpu():
     assert eng.graphs is not None and eng.prefill_graphs is not None and eng.encoder_graphs is not None
     eng.start()
     try:
-        samples = [make_sample("test", i) for i in range(12)]
-        qas = [s.qas[i % len(s.qas)] for i, s in enumerate(samples)]
-        cols = [Collector() for _ in samples]
-        for i, (s, qa, c) in enumerate(zip(samples, qas, cols)):
-            eng.add_request(make_request(proc, f"g{i}", [user(qa.question)], [s.image()], c))
-        _wait(cols)
+        samples, qas, cols = _ask_twelve(eng, proc, "g")
         assert [c.text for c in cols] == [qa.answer for qa in qas]
         turn2 = [user(qas[0].question), {"role": "assistant", "content": cols[0].text},
                  user(samples[0].qas[-1].question, with_image=False)]
