@@ -61,7 +61,7 @@ def scan_rows(sweep: bool) -> list[dict]:
     from kernels.triton.selective_scan import selective_scan_triton
 
     rows, g = [], torch.Generator(device="cuda").manual_seed(0)
-    for b, l in [(1, 768), (16, 768)] + ([(4, 768), (8, 768)] if sweep else []):
+    for b, l in [(1, 768), (16, 768)] + ([(4, 768), (8, 768), (64, 768)] if sweep else []):
         u, delta, A, B, C, Dv, z, bias = scan_inputs(b, l, g)
         pool, idx = torch.zeros(b, D_IN, N, device="cuda"), torch.arange(b, device="cuda")
         configs = [None]
@@ -70,8 +70,9 @@ def scan_rows(sweep: bool) -> list[dict]:
                                                                (16, 8, 4), (16, 16, 8), (4, 32, 4)]]
             configs += [("seq", bd, t, w) for bd, t, w in [(32, 8, 4), (64, 8, 4), (16, 8, 2), (32, 4, 2),
                                                            (64, 4, 4), (128, 8, 4), (32, 16, 4), (64, 16, 8)]]
-            configs += [("channel", bd, t, w) for bd, t, w in [(32, 8, 1), (64, 8, 2), (128, 8, 4), (256, 8, 8),
-                                                               (64, 4, 2), (64, 16, 2)]]
+            configs += [("channel", bd, t, w, r) for bd, t, w, r in [(32, 8, 1, 96), (128, 8, 4, 96), (64, 4, 2, 96),
+                                                                     (64, 16, 2, 128), (64, 8, 2, None),
+                                                                     (64, 8, 2, 80), (64, 8, 2, 88), (64, 8, 2, 104)]]
         for cfg in configs:
             ms = bench(lambda: selective_scan_triton(u, delta, A, B, C, Dv, z, bias, True, state=pool,
                                                      state_indices=idx, config=cfg))

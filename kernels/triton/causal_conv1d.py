@@ -16,13 +16,15 @@ import triton
 import triton.language as tl
 
 from kernels._backend import BackendUnavailable
+from kernels.triton._math import fast_math, silu
 
 
 @triton.jit
 def _conv_kernel(x, weight, bias, y, s_in, s_out, idx, lens, d, l, seg,
                  s_xb, s_xd, s_xl, s_wd, s_yb, s_yd, s_yl, s_ib, s_id, s_iw, s_ob, s_od, s_ow,
                  W: tl.constexpr, WP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_INIT: tl.constexpr,
-                 HAS_IDX: tl.constexpr, HAS_LENS: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr):
+                 HAS_IDX: tl.constexpr, HAS_LENS: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr,
+                 FAST: tl.constexpr):
     b, pid_d, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     row = tl.load(idx + b).to(tl.int64) if HAS_IDX else b.to(tl.int64)
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -78,7 +80,7 @@ def _conv_kernel(x, weight, bias, y, s_in, s_out, idx, lens, d, l, seg,
             acc += w2 * x1
             acc += w3 * xt
             if SILU:
-                acc = acc * tl.sigmoid(acc)
+                acc = silu(acc, FAST)
             tl.store(yp + t.to(tl.int64) * s_yl, acc, mask=mt)
             x3, x2, x1 = x2, x1, xt
 
@@ -135,7 +137,7 @@ def causal_conv1d_triton(x, weight, bias=None, activation=None, initial_state=No
         *x.stride(), weight.stride(0), *y.stride(), *s_in.stride(), *s_out.stride(),
         W=w, WP=triton.next_power_of_2(w - 1), HAS_BIAS=bias is not None, SILU=activation in ("silu", "swish"),
         HAS_INIT=conv_state is not None or initial_state is not None, HAS_IDX=state_indices is not None,
-        HAS_LENS=lengths is not None, BLOCK_D=block_d, T=_CONV_UNROLL, num_warps=warps)
+        HAS_LENS=lengths is not None, BLOCK_D=block_d, T=_CONV_UNROLL, FAST=fast_math(), num_warps=warps)
     return y, (None if conv_state is not None else s_out)
 
 

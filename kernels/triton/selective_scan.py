@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton._math import exp2, fast_math, silu, softplus
+
 @triton.jit
 def _linear_combine(a1, b1, a2, b2):
     # (a1, b1) then (a2, b2): h -> a2 * (a1 * h + b1) + b2
@@ -42,7 +44,8 @@ def _scan_kernel(u, delta, A, B, C, D, z, bias, y, h_in, h_out, idx, lens,
                  s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
                  s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_hb, s_hd, s_ob, s_od,
                  HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                 HAS_H0: tl.constexpr, HAS_IDX: tl.constexpr, HAS_LENS: tl.constexpr, STEP_LOOP: tl.constexpr,
+                 FAST: tl.constexpr, HAS_H0: tl.constexpr, HAS_IDX: tl.constexpr, HAS_LENS: tl.constexpr,
+                 STEP_LOOP: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr):
     b, pid_d = tl.program_id(0), tl.program_id(1)
     row = tl.load(idx + b).to(tl.int64) if HAS_IDX else b.to(tl.int64)  # state row for this sequence
@@ -81,14 +84,14 @@ def _scan_kernel(u, delta, A, B, C, D, z, bias, y, h_in, h_out, idx, lens,
                 if HAS_BIAS:
                     dt += bv
                 if SOFTPLUS:  # torch's softplus: identity above 20
-                    dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+                    dt = softplus(dt, FAST)
                 dt = tl.where((rd * 0 + t) < length, dt, 0.0)  # 0 past the row's end
-                h = tl.exp2(dt[:, None] * a2) * h + (dt * uu)[:, None] * Bt[None, :]
+                h = exp2(dt[:, None] * a2, FAST) * h + (dt * uu)[:, None] * Bt[None, :]
                 yy = tl.sum(h * Ct[None, :], axis=1)
                 if HAS_D:
                     yy += uu * dv
                 if HAS_Z:
-                    yy *= zz * tl.sigmoid(zz)
+                    yy *= silu(zz, FAST)
                 tl.store(y_b + rd * s_yd + t * s_yl, yy, mask=mdt)
         else:
             # The chunk as an associative scan over (a, b) pairs along time.
@@ -101,11 +104,11 @@ def _scan_kernel(u, delta, A, B, C, D, z, bias, y, h_in, h_out, idx, lens,
             if HAS_BIAS:
                 dt += bv[:, None]
             if SOFTPLUS:
-                dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+                dt = softplus(dt, FAST)
             dt = tl.where((t < length)[None, :], dt, 0.0)  # (BLOCK_D, T)
             Bt = tl.load(B_b + rn[:, None] * s_Bn + t[None, :] * s_Bl, mask=mnt, other=0.0).to(tl.float32)
             Ct = tl.load(C_b + rn[:, None] * s_Cn + t[None, :] * s_Cl, mask=mnt, other=0.0).to(tl.float32)
-            da = tl.exp2(dt[:, None, :] * a2[:, :, None])  # (BLOCK_D, BLOCK_N, T)
+            da = exp2(dt[:, None, :] * a2[:, :, None], FAST)  # (BLOCK_D, BLOCK_N, T)
             dbu = (dt * uu)[:, None, :] * Bt[None, :, :]  # (BLOCK_D, BLOCK_N, T)
             ca, cb = tl.associative_scan((da, dbu), axis=2, combine_fn=_linear_combine)
             hs = ca * h[:, :, None] + cb  # state after each step of the chunk
@@ -116,7 +119,7 @@ def _scan_kernel(u, delta, A, B, C, D, z, bias, y, h_in, h_out, idx, lens,
                 yy += uu * dv[:, None]
             if HAS_Z:
                 zz = tl.load(z_b + rd[:, None] * s_zd + t[None, :] * s_zl, mask=mdt, other=0.0).to(tl.float32)
-                yy *= zz * tl.sigmoid(zz)
+                yy *= silu(zz, FAST)
             tl.store(y_b + rd[:, None] * s_yd + t[None, :] * s_yl, yy, mask=mdt)
     tl.store(h_out + row * s_ob + rd[:, None] * s_od + rn[None, :], h, mask=m2)
 
@@ -125,7 +128,8 @@ def _scan_kernel(u, delta, A, B, C, D, z, bias, y, h_in, h_out, idx, lens,
 def _channel_step(h, a2, t, l, length, rd, rn, md, mn, u_b, t_b, z_b, y_b, B_b, C_b, dv, bv,
                   s_ud, s_ul, s_td, s_tl, s_Bn, s_Bl, s_Cn, s_Cl, s_zd, s_zl, s_yd, s_yl,
                   HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                  HAS_LENS: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, MASK_T: tl.constexpr):
+                  HAS_LENS: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, MASK_T: tl.constexpr,
+                  FAST: tl.constexpr):
     """One step of the "channel" scan: h is (BLOCK_N, BLOCK_D), each thread holding whole columns."""
     if MASK_T:
         m = md & ((rd * 0 + t) < l)
@@ -150,15 +154,15 @@ def _channel_step(h, a2, t, l, length, rd, rn, md, mn, u_b, t_b, z_b, y_b, B_b, 
     if HAS_BIAS:
         dt += bv
     if SOFTPLUS:  # torch's softplus: identity above 20
-        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+        dt = softplus(dt, FAST)
     if HAS_LENS or MASK_T:
         dt = tl.where((rd * 0 + t) < length, dt, 0.0)  # 0 past the row's end
-    h = tl.exp2(dt[None, :] * a2) * h + Bt[:, None] * (dt * uu)[None, :]
+    h = exp2(dt[None, :] * a2, FAST) * h + Bt[:, None] * (dt * uu)[None, :]
     yy = tl.sum(h * Ct[:, None], axis=0)
     if HAS_D:
         yy += uu * dv
     if HAS_Z:
-        yy *= zz * tl.sigmoid(zz)
+        yy *= silu(zz, FAST)
     if EVEN_D and not MASK_T:
         tl.store(y_b + rd * s_yd + t * s_yl, yy)
     else:
@@ -171,8 +175,9 @@ def _scan_channel_kernel(u, delta, A, B, C, D, z, bias, y, h_in, h_out, idx, len
                          d, l, n,
                          s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
                          s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_hb, s_hd, s_ob, s_od,
-                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                         HAS_H0: tl.constexpr, HAS_IDX: tl.constexpr, HAS_LENS: tl.constexpr,
+                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         SOFTPLUS: tl.constexpr, FAST: tl.constexpr, HAS_H0: tl.constexpr, HAS_IDX: tl.constexpr,
+                         HAS_LENS: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
                          EVEN_D: tl.constexpr, EVEN_N: tl.constexpr):
     # The state is (BLOCK_N, BLOCK_D) and only ever built from, or taken apart into, 1D vectors
@@ -206,35 +211,38 @@ def _scan_channel_kernel(u, delta, A, B, C, D, z, bias, y, h_in, h_out, idx, len
         for i in tl.static_range(T):
             h = _channel_step(h, a2, t0 + i, l, length, rd, rn, md, mn, u_b, t_b, z_b, y_b, B_b, C_b, dv, bv,
                               s_ud, s_ul, s_td, s_tl, s_Bn, s_Bl, s_Cn, s_Cl, s_zd, s_zl, s_yd, s_yl,
-                              HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_LENS, EVEN_D, EVEN_N, False)
+                              HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_LENS, EVEN_D, EVEN_N, False, FAST)
     for t0 in range(l_full, l, T):
         for i in tl.static_range(T):
             h = _channel_step(h, a2, t0 + i, l, length, rd, rn, md, mn, u_b, t_b, z_b, y_b, B_b, C_b, dv, bv,
                               s_ud, s_ul, s_td, s_tl, s_Bn, s_Bl, s_Cn, s_Cl, s_zd, s_zl, s_yd, s_yl,
-                              HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_LENS, EVEN_D, EVEN_N, True)
+                              HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_LENS, EVEN_D, EVEN_N, True, FAST)
     for k in tl.static_range(BLOCK_N):
         hk = tl.sum(tl.where(rn[:, None] == k, h, 0.0), axis=0)
         tl.store(h_out + row * s_ob + rd * s_od + k, hk, mask=md & ((rd * 0 + k) < n))
 
 
-def _config(b: int, d: int, n: int) -> tuple[str, int, int, int]:
-    """(kind, BLOCK_D, T, num_warps), from sweeps on an H100 at d 5120, n 16, bf16 inputs.
-    With a warp per 32 channels of 16 sequences the "channel" step loop wins (16 x 768: 0.99 ms
-    against 1.15 ms for the best "seq" configuration; mamba-ssm 2.27 ms); with 4 or 8 sequences
-    the "seq" loop's extra threads per channel win (4 x 768: 0.49 against 0.83 ms; 8 x 768: 0.79
-    against 0.88 ms), so the switch sits at 2048 warps (13 sequences at d 5120, about 4 warps per
-    SM scheduler of an H100). A single sequence needs narrow blocks to fill the GPU (1 x 768:
-    chunked 0.27 ms, channel loop 0.50 ms). Figures from ``python -m benchmarks.kernels --sweep
-    --only scan``; T 8 beat 4 and 16 for the channel loop (16 x 768: 1.0 ms against 1.10 and
-    1.23 ms, a development script)."""
+def _config(b: int, d: int, n: int) -> tuple[str, int, int, int, int | None]:
+    """(kind, BLOCK_D, T, num_warps, maxnreg), from sweeps on an H100 at d 5120, n 16, bf16 inputs
+    (``python -m benchmarks.kernels --sweep --only scan``). With a warp per 32 channels of 16
+    sequences the "channel" step loop wins (16 x 768: 0.667 ms against 1.01 ms for the best "seq"
+    configuration; mamba-ssm 2.26 ms); with 4 or 8 sequences the "seq" loop's extra threads per
+    channel win (4 x 768: 0.456 against 0.57 ms; 8 x 768: 0.575 against 0.60 ms), so the switch
+    sits at 2048 warps (13 sequences at d 5120, about 4 warps per SM scheduler of an H100).
+    The channel loop is capped at 96 registers per thread: left alone the compiler takes 120,
+    an SM then holds 16 warps instead of 20, and the 2 560 warps of 16 x 768 run in two waves
+    (1.38 ms; 88 registers 0.669 ms, 80 spill and take 0.766 ms, 104 take 1.14 ms). T 4 and 8
+    tie (0.659 / 0.667 ms); 16 needs 128 registers (1.15 ms). A single sequence needs narrow
+    blocks to fill the GPU (1 x 768: chunked 0.275 ms; the "seq" loop with 16 channels per
+    program measured 0.235 ms in the same sweep, not yet the default)."""
     if n <= 16 and b * triton.cdiv(d, 32) >= 2048:
-        return "channel", 64, 8, 2
+        return "channel", 64, 8, 2, 96
     for block_d in (128, 64, 32):
         if b * triton.cdiv(d, block_d) >= 512:
-            return "seq", block_d, 8, 4
+            return "seq", block_d, 8, 4, None
     if triton.next_power_of_2(n) <= 16:
-        return "chunked", 4, 32, 4
-    return "seq", 16, 8, 2
+        return "chunked", 4, 32, 4, None
+    return "seq", 16, 8, 2, None
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -245,7 +253,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     write back those rows; the scan itself always runs in fp32.
     Returns y (b, d, l) in u.dtype (channel-last memory) and the last state (b, d, n) float32,
     or None for it when ``state`` is given (it is in the pool).
-    ``config``: (kind "channel" | "seq" | "chunked", BLOCK_D, T, num_warps) overrides the tuned default."""
+    ``config``: (kind "channel" | "seq" | "chunked", BLOCK_D, T, num_warps[, maxnreg]) overrides the
+    tuned default."""
     b, d, l = u.shape
     n = A.shape[-1]
     assert delta.shape == (b, d, l) and B.shape == (b, n, l) and C.shape == (b, n, l), (delta.shape, B.shape)
@@ -259,7 +268,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         h_in = initial_state.float().contiguous() if initial_state is not None else h_out
     A = A.float().contiguous()
     y = torch.empty(b, l, d, device=u.device, dtype=u.dtype).transpose(1, 2)
-    kind, block_d, T, warps = config or _config(b, d, n)
+    kind, block_d, T, warps, *cap = config or _config(b, d, n)
     dummy = h_out
     zz = z if z is not None else u
     grid = (b, triton.cdiv(d, block_d))
@@ -269,9 +278,12 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
             *u.stride(), *delta.stride(), A.stride(0), *B.stride(), *C.stride(), *zz.stride(), *y.stride(),
             h_in.stride(0), h_in.stride(1), h_out.stride(0), h_out.stride(1))
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-                 HAS_H0=state is not None or initial_state is not None, HAS_IDX=state_indices is not None,
+                 FAST=fast_math(), HAS_H0=state is not None or initial_state is not None,
+                 HAS_IDX=state_indices is not None,
                  HAS_LENS=lengths is not None, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(n), T=T,
                  num_warps=warps)
+    if cap and cap[0] and fast_math():  # a register cap is a compiler option; the interpreter has none
+        flags["maxnreg"] = cap[0]
     if kind == "channel":
         _scan_channel_kernel[grid](*args, **flags, EVEN_D=d % block_d == 0, EVEN_N=n == flags["BLOCK_N"])
     else:
