@@ -11,7 +11,10 @@ max_length changes). Definitions, the same for every system:
 - decode tok/s  = b * new / (time of prompt + new tokens - prefill time);
 - ours (engine): requests through :class:`server.engine.Engine` (admission, batched prefill,
   CUDA-graph decode, per-request sampling and detokenizing); ours (graph loop): the model's
-  captured decode step + argmax in a plain loop, the same work mamba-ssm's ``generate`` does.
+  captured decode step + argmax in a plain loop, the same work mamba-ssm's ``generate`` does;
+- prefill latency (``--prefill-shapes``, ours only): one prefill of each batch x prompt shape
+  launched eagerly and on the engine's path, which shows what the prefill graphs save where the
+  host's launches, not the GPU, bound a prefill.
 
     python -m benchmarks.decode                      # the 2.8B shape on cuda, JSON + docs/performance.md
     python -m benchmarks.decode --device cpu --layers 2 --d-model 64 --batches 1 2 --prompt 16 --new 4 --doc ''
@@ -133,6 +136,16 @@ def bench_ours(args, cfg, device, dtype) -> tuple[list[dict], object]:
     rows = []
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
+        for b, l in args.prefill_shapes:
+            ids = torch.randint(2, len(proc.tokenizer), (b, l), generator=gen).to(device)
+            state = model.allocate_state(b, ssm_dtype=engine.state.ssm.dtype)
+            t_eager, _ = ours_prefill(model, ids, state, args.repeats)
+            del state
+            t_engine, _ = engine_prefill(engine, ids, args.repeats)
+            rows.append({"system": name, "prefill_shape": [b, l], "eager_ms": t_eager * 1e3,
+                         "engine_ms": t_engine * 1e3, "graph": engine.prefill_graphs is not None
+                         and engine.prefill_graphs.bucket(b, l) is not None})
+            print(rows[-1], flush=True)
         for b in args.batches:
             ids = torch.randint(2, len(proc.tokenizer), (b, args.prompt), generator=gen)
             prompts = ids.tolist()
@@ -323,6 +336,13 @@ def report(result: dict, batches: list[int]) -> str:
             text += [f"Recurrent state per sequence ({r['system']}: all layers, conv in the model dtype, SSM "
                          f"states in {r['state_dtype']}): {r['state_bytes_per_sequence'] / 2**20:.1f} MiB — constant "
                          f"in the sequence length."]
+    shapes = [r for r in result["rows"] if r.get("system") == "ours" and "prefill_shape" in r]
+    if shapes:
+        text += ["", "Prefill latency, launched eagerly and on the engine's path (a CUDA graph where a bucket "
+                     "holds the batch), same inputs:", "",
+                 markdown_table(["batch x prompt", "eager ms", "engine ms", "from a graph"],
+                                [[f"{r['prefill_shape'][0]} x {r['prefill_shape'][1]}", r["eager_ms"], r["engine_ms"],
+                                  "yes" if r["graph"] else "no"] for r in shapes])]
     if peaks:
         text += ["", "Peak GPU memory of our engine runs (weights + state pool for 256 + activations): " +
                  ", ".join(peaks) + "."]
@@ -349,6 +369,9 @@ def main(argv=None) -> dict:
                                                                         "at these batch sizes")
     ap.add_argument("--profile-prefill", type=int, nargs="*", default=[], help="print a kernel profile of one "
                                                                                 "prefill at these batch sizes")
+    ap.add_argument("--prefill-shapes", nargs="*", default=None, metavar="BxL",
+                    help="also time single prefills of these batch x prompt shapes, eagerly and on the engine's "
+                         "path (default on CUDA: 1x128 1x256 1x768 4x384 16x768)")
     ap.add_argument("--layers", type=int, default=0, help="override n_layer (smoke runs)")
     ap.add_argument("--d-model", type=int, default=0, help="override d_model (smoke runs)")
     ap.add_argument("--out", default=None, help="JSON file")
@@ -356,6 +379,9 @@ def main(argv=None) -> dict:
                                                 "CUDA, none on CPU; '' for none)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.prefill_shapes is None:
+        args.prefill_shapes = ["1x128", "1x256", "1x768", "4x384", "16x768"] if device.type == "cuda" else []
+    args.prefill_shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.prefill_shapes]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = lm_config(args)
     result = {"benchmark": "decode", "machine": machine(device), "config": {**cfg.to_dict(),

@@ -9,14 +9,18 @@ def test_decode_benchmark_tiny_cpu(tmp_path):
     doc.write_text("# Performance\n\nintro stays\n")
     out = main(["--device", "cpu", "--layers", "2", "--d-model", "64", "--batches", "1", "3", "--prompt", "12",
                 "--new", "3", "--repeats", "1", "--systems", "ours", "transformers", "--doc", str(doc),
-                "--out", str(tmp_path / "r.json")])
+                "--out", str(tmp_path / "r.json"), "--prefill-shapes", "1x5", "2x7"])
     ours = [r for r in out["rows"] if r["system"] == "ours" and "batch" in r]
     assert [r["batch"] for r in ours] == [1, 3]
     for r in ours:
         assert r["prefill_tok_s"] > 0 and r["engine_decode_tok_s"] > 0 and r["loop_decode_tok_s"] > 0
     assert {r["batch"] for r in out["rows"] if r["system"] == "transformers"} == {1, 3}
+    shapes = [r for r in out["rows"] if "prefill_shape" in r]
+    assert [r["prefill_shape"] for r in shapes] == [[1, 5], [2, 7]]
+    assert all(r["eager_ms"] > 0 and r["engine_ms"] > 0 and r["graph"] is False for r in shapes)  # no graphs on a CPU
     text = doc.read_text()
     assert "intro stays" in text and "| ours (engine) |" in text and "| transformers generate |" in text
+    assert "| 2 x 7 |" in text and "| batch x prompt | eager ms | engine ms | from a graph |" in text
     assert (tmp_path / "r.json").exists()
 
 
