@@ -55,6 +55,35 @@ def test_scan_on_pool_with_lengths(b, l):
     assert y_err < 1e-2 and s_err < 1e-4
 
 
+def test_channel_scan_compiles_within_its_register_cap(monkeypatch):
+    """The "channel" loop at 16 sequences of d 5120 must fit 96 registers without spilling: at the
+    120 the compiler takes uncapped, an SM holds 16 warps instead of 20 and the grid runs in two
+    waves (twice the time); spills would cost as much."""
+    import kernels.triton.selective_scan as S
+
+    kernel, launched = S._scan_channel_kernel, []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kernel[grid](*args, **kwargs))
+                return launched[-1]
+            return launch
+
+    monkeypatch.setattr(S, "_scan_channel_kernel", Recorder())
+    b, l = 16, 40
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)
+    xz = r(b, l, 2 * D).bfloat16()
+    BC = r(b, l, 2 * N).bfloat16()
+    pool, idx = torch.zeros(b, D, N, device="cuda"), torch.arange(b, device="cuda")
+    S.selective_scan_triton(xz[..., :D].transpose(1, 2), (r(b, l, D) * 0.5 - 2).bfloat16().transpose(1, 2),
+                            -torch.exp(r(D, N) * 0.5), BC[..., :N].transpose(1, 2), BC[..., N:].transpose(1, 2),
+                            r(D), xz[..., D:].transpose(1, 2), r(D), True, state=pool, state_indices=idx)
+    assert S._config(b, D, N)[0] == "channel" and len(launched) == 1
+    assert launched[0].n_regs <= 96 and launched[0].n_spills == 0, (launched[0].n_regs, launched[0].n_spills)
+
+
 @pytest.mark.parametrize("b,l", [(1, 768), (8, 100)])
 def test_conv_on_pool_with_lengths(b, l):
     g = torch.Generator(device="cuda").manual_seed(b)
