@@ -124,7 +124,7 @@ def bench_ours(args, cfg, device, dtype) -> tuple[list[dict], object]:
     from server.engine import Engine, EngineConfig
 
     model, proc = build_ours(cfg, device, dtype, args.backend)
-    top = max(args.batches)
+    top = max(args.batches + [b for b, _ in args.prefill_shapes])  # the state pool holds every batch timed
     engine = Engine(model, proc, EngineConfig(max_num_seqs=top, max_prefill_seqs=top, state_cache_bytes=1 << 30,
                                               cuda_graphs=not args.no_graphs, state_dtype=args.state_dtype))
     name = "ours" if args.state_dtype == "float32" else f"ours-{args.state_dtype}-state"
@@ -336,17 +336,28 @@ def report(result: dict, batches: list[int]) -> str:
             text += [f"Recurrent state per sequence ({r['system']}: all layers, conv in the model dtype, SSM "
                          f"states in {r['state_dtype']}): {r['state_bytes_per_sequence'] / 2**20:.1f} MiB — constant "
                          f"in the sequence length."]
-    shapes = [r for r in result["rows"] if r.get("system") == "ours" and "prefill_shape" in r]
+    shapes = [r for r in result["rows"] if r.get("system", "").startswith("ours") and "prefill_shape" in r]
     if shapes:
         text += ["", "Prefill latency, launched eagerly and on the engine's path (a CUDA graph where a bucket "
                      "holds the batch), same inputs:", "",
-                 markdown_table(["batch x prompt", "eager ms", "engine ms", "from a graph"],
-                                [[f"{r['prefill_shape'][0]} x {r['prefill_shape'][1]}", r["eager_ms"], r["engine_ms"],
-                                  "yes" if r["graph"] else "no"] for r in shapes])]
+                 markdown_table(["system", "batch x prompt", "eager ms", "engine ms", "from a graph"],
+                                [[r["system"], f"{r['prefill_shape'][0]} x {r['prefill_shape'][1]}", r["eager_ms"],
+                                  r["engine_ms"], "yes" if r["graph"] else "no"] for r in shapes])]
     if peaks:
         text += ["", "Peak GPU memory of our engine runs (weights + state pool for 256 + activations): " +
                  ", ".join(peaks) + "."]
     return "\n".join(text)
+
+
+def _shape(text: str) -> tuple[int, int]:
+    """'16x768' -> (16, 768)."""
+    try:
+        b, l = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BATCHxLENGTH such as 16x768, got {text!r}") from None
+    if b < 1 or l < 1:
+        raise argparse.ArgumentTypeError(f"batch and length must be positive, got {text!r}")
+    return b, l
 
 
 def main(argv=None) -> dict:
@@ -369,7 +380,7 @@ def main(argv=None) -> dict:
                                                                         "at these batch sizes")
     ap.add_argument("--profile-prefill", type=int, nargs="*", default=[], help="print a kernel profile of one "
                                                                                 "prefill at these batch sizes")
-    ap.add_argument("--prefill-shapes", nargs="*", default=None, metavar="BxL",
+    ap.add_argument("--prefill-shapes", nargs="*", default=None, metavar="BxL", type=_shape,
                     help="also time single prefills of these batch x prompt shapes, eagerly and on the engine's "
                          "path (default on CUDA: 1x128 1x256 1x768 4x384 16x768)")
     ap.add_argument("--layers", type=int, default=0, help="override n_layer (smoke runs)")
@@ -380,8 +391,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.prefill_shapes is None:
-        args.prefill_shapes = ["1x128", "1x256", "1x768", "4x384", "16x768"] if device.type == "cuda" else []
-    args.prefill_shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.prefill_shapes]
+        args.prefill_shapes = [(1, 128), (1, 256), (1, 768), (4, 384), (16, 768)] if device.type == "cuda" else []
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = lm_config(args)
     result = {"benchmark": "decode", "machine": machine(device), "config": {**cfg.to_dict(),

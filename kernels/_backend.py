@@ -56,9 +56,15 @@ def _check(backend: str, op: str, device: torch.device, peer: str | None) -> Non
 
 
 def _interpreting() -> bool:
-    import os
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, true, on, ...)."""
+    try:
+        import triton
 
-    return os.environ.get("TRITON_INTERPRET") == "1"
+        return bool(triton.knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # no triton, or one without knobs
+        import os
+
+        return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
 
 
 _logged: set[str] = set()

@@ -231,10 +231,10 @@ def _config(b: int, d: int, n: int) -> tuple[str, int, int, int, int | None]:
     sits at 2048 warps (13 sequences at d 5120, about 4 warps per SM scheduler of an H100).
     The channel loop is capped at 96 registers per thread: left alone the compiler takes 120,
     an SM then holds 16 warps instead of 20, and the 2 560 warps of 16 x 768 run in two waves
-    (1.38 ms; 88 registers 0.669 ms, 80 spill and take 0.766 ms, 104 take 1.14 ms). T 4 and 8
+    (1.38 ms; 88 registers 0.669 ms, 80 spill and take 0.766 ms, 104 fit 18 warps: 1.14 ms). T 4 and 8
     tie (0.659 / 0.667 ms); 16 needs 128 registers (1.15 ms). A single sequence needs narrow
     blocks to fill the GPU (1 x 768: chunked 0.275 ms; the "seq" loop with 16 channels per
-    program measured 0.235 ms in the same sweep, not yet the default)."""
+    program measured 0.235 ms in the same sweep, 0.265 in the one before: a switch to measure)."""
     if n <= 16 and b * triton.cdiv(d, 32) >= 2048:
         return "channel", 64, 8, 2, 96
     for block_d in (128, 64, 32):

@@ -1,5 +1,7 @@
 """The decode benchmark runs end to end at a tiny shape on the CPU and writes its table."""
 
+import pytest
+
 from benchmarks.common import write_section
 from benchmarks.decode import main
 
@@ -20,8 +22,22 @@ def test_decode_benchmark_tiny_cpu(tmp_path):
     assert all(r["eager_ms"] > 0 and r["engine_ms"] > 0 and r["graph"] is False for r in shapes)  # no graphs on a CPU
     text = doc.read_text()
     assert "intro stays" in text and "| ours (engine) |" in text and "| transformers generate |" in text
-    assert "| 2 x 7 |" in text and "| batch x prompt | eager ms | engine ms | from a graph |" in text
+    assert "| ours | 2 x 7 |" in text and "| system | batch x prompt | eager ms | engine ms | from a graph |" in text
     assert (tmp_path / "r.json").exists()
+
+
+def test_decode_benchmark_times_prefill_batches_beyond_its_decode_batches(tmp_path):
+    """A prefill shape wider than every decode batch still gets state slots of its own."""
+    out = main(["--device", "cpu", "--layers", "1", "--d-model", "32", "--batches", "1", "--prompt", "6",
+                "--new", "2", "--repeats", "1", "--systems", "ours", "--doc", "", "--prefill-shapes", "5x4"])
+    (row,) = [r for r in out["rows"] if "prefill_shape" in r]
+    assert row["prefill_shape"] == [5, 4] and row["engine_ms"] > 0
+
+
+def test_decode_benchmark_rejects_a_malformed_prefill_shape(capsys):
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--systems", "ours", "--prefill-shapes", "16"])
+    assert "BATCHxLENGTH" in capsys.readouterr().err
 
 
 def test_write_section_replaces_in_place(tmp_path):
