@@ -77,6 +77,17 @@ def engine_prefill(engine, ids, repeats):
     return timed(fn, ids.device, repeats)
 
 
+def prefill_times(model, engine, ids, repeats) -> tuple[float, float, bool]:
+    """Seconds of one prefill of ids launched eagerly and on the engine's path, and whether that
+    path replays a graph for it."""
+    state = model.allocate_state(ids.shape[0], ssm_dtype=engine.state.ssm.dtype)
+    t_eager, _ = ours_prefill(model, ids, state, repeats)
+    del state
+    t_engine, _ = engine_prefill(engine, ids, repeats)
+    graphed = engine.prefill_graphs is not None and engine.prefill_graphs.bucket(*ids.shape) is not None
+    return t_eager, t_engine, graphed
+
+
 def engine_generate(engine, prompts: list[list[int]], new: int) -> tuple[float, float]:
     """Run the prompts through the engine; returns (seconds to the last first token, total seconds)."""
     import time
@@ -138,22 +149,15 @@ def bench_ours(args, cfg, device, dtype) -> tuple[list[dict], object]:
     with torch.inference_mode():
         for b, l in args.prefill_shapes:
             ids = torch.randint(2, len(proc.tokenizer), (b, l), generator=gen).to(device)
-            state = model.allocate_state(b, ssm_dtype=engine.state.ssm.dtype)
-            t_eager, _ = ours_prefill(model, ids, state, args.repeats)
-            del state
-            t_engine, _ = engine_prefill(engine, ids, args.repeats)
+            t_eager, t_engine, graphed = prefill_times(model, engine, ids, args.repeats)
             rows.append({"system": name, "prefill_shape": [b, l], "eager_ms": t_eager * 1e3,
-                         "engine_ms": t_engine * 1e3, "graph": engine.prefill_graphs is not None
-                         and engine.prefill_graphs.bucket(b, l) is not None})
+                         "engine_ms": t_engine * 1e3, "graph": graphed})
             print(rows[-1], flush=True)
         for b in args.batches:
             ids = torch.randint(2, len(proc.tokenizer), (b, args.prompt), generator=gen)
             prompts = ids.tolist()
             ids = ids.to(device)
-            state = model.allocate_state(b, ssm_dtype=engine.state.ssm.dtype)
-            t_eager, _ = ours_prefill(model, ids, state, args.repeats)
-            del state
-            t_pre, _ = engine_prefill(engine, ids, args.repeats)
+            t_eager, t_pre, graphed = prefill_times(model, engine, ids, args.repeats)
             engine.config.max_prefill_seqs = b
             engine_generate(engine, prompts, args.new)  # warm-up at these shapes
             torch.cuda.reset_peak_memory_stats() if torch.device(device).type == "cuda" else None
@@ -164,8 +168,7 @@ def bench_ours(args, cfg, device, dtype) -> tuple[list[dict], object]:
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if torch.device(device).type == "cuda" else None
             rows.append({"system": name, "batch": b, "peak_gib_engine_run": peak, "prefill_s": t_pre,
                          "prefill_tok_s": b * args.prompt / t_pre, "prefill_eager_tok_s": b * args.prompt / t_eager,
-                         "prefill_graph": engine.prefill_graphs is not None
-                         and engine.prefill_graphs.bucket(b, args.prompt) is not None,
+                         "prefill_graph": graphed,
                          "engine_decode_tok_s": b * args.new / (total - first), "engine_total_s": total,
                          "loop_decode_tok_s": b * args.new / max(t_loop - t_pre, 1e-9), "loop_total_s": t_loop})
             print(rows[-1], flush=True)

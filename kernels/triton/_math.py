@@ -33,11 +33,16 @@ def fast_math() -> bool:
 
 
 @triton.jit
+def _ptx(x, ASM: tl.constexpr):
+    """One fp32 PTX instruction, ``ASM`` with $0 = result and $1 = x."""
+    return tl.inline_asm_elementwise(ASM, "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def exp2(x, FAST: tl.constexpr):
     x = x.to(tl.float32)
     if FAST:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        return _ptx(x, "ex2.approx.ftz.f32 $0, $1;")
     else:
         return tl.exp2(x)
 
@@ -47,10 +52,7 @@ def softplus(x, FAST: tl.constexpr):
     """torch's softplus: log(1 + exp(x)), the identity above 20."""
     x = x.to(tl.float32)
     if FAST:
-        e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * LOG2E], dtype=tl.float32,
-                                      is_pure=True, pack=1)
-        s = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [1.0 + e], dtype=tl.float32,
-                                      is_pure=True, pack=1) * LN2
+        s = _ptx(1.0 + exp2(x * LOG2E, FAST), "lg2.approx.ftz.f32 $0, $1;") * LN2
     else:
         s = tl.log(1.0 + tl.exp(x))
     return tl.where(x <= 20.0, s, x)
@@ -61,8 +63,6 @@ def silu(x, FAST: tl.constexpr):
     """x * sigmoid(x); sigmoid(x) = 0.5 + 0.5 * tanh(x / 2) in the fast form."""
     x = x.to(tl.float32)
     if FAST:
-        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [0.5 * x], dtype=tl.float32,
-                                      is_pure=True, pack=1)
-        return x * (0.5 + 0.5 * t)
+        return x * (0.5 + 0.5 * _ptx(0.5 * x, "tanh.approx.f32 $0, $1;"))
     else:
         return x * tl.sigmoid(x)

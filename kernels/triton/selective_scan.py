@@ -269,6 +269,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     A = A.float().contiguous()
     y = torch.empty(b, l, d, device=u.device, dtype=u.dtype).transpose(1, 2)
     kind, block_d, T, warps, *cap = config or _config(b, d, n)
+    fast = fast_math()
     dummy = h_out
     zz = z if z is not None else u
     grid = (b, triton.cdiv(d, block_d))
@@ -278,11 +279,11 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
             *u.stride(), *delta.stride(), A.stride(0), *B.stride(), *C.stride(), *zz.stride(), *y.stride(),
             h_in.stride(0), h_in.stride(1), h_out.stride(0), h_out.stride(1))
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-                 FAST=fast_math(), HAS_H0=state is not None or initial_state is not None,
+                 FAST=fast, HAS_H0=state is not None or initial_state is not None,
                  HAS_IDX=state_indices is not None,
                  HAS_LENS=lengths is not None, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(n), T=T,
                  num_warps=warps)
-    if cap and cap[0] and fast_math():  # a register cap is a compiler option; the interpreter has none
+    if cap and cap[0] and fast:  # an option of NVIDIA's compiler; the interpreter and ROCm have none
         flags["maxnreg"] = cap[0]
     if kind == "channel":
         _scan_channel_kernel[grid](*args, **flags, EVEN_D=d % block_d == 0, EVEN_N=n == flags["BLOCK_N"])
