@@ -13,16 +13,25 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton._pdl import enter, pdl_args, prefetch_rows
+
+# Elements of each in_proj row prefetched into L2 while the previous kernel finishes (0: none).
+PREFETCH_K = 256
+
 
 @triton.jit
 def _mixer_in_kernel(a_in, w_in, cpool, cw, cb, idx, w_x, x_out, z_out, xp, m, D, d, R,
                      s_a, s_win, s_cp, s_cd, s_cs, s_cw, s_wx, s_xo, s_zo, s_xp,
                      HAS_CB: tl.constexpr, W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STAGES: tl.constexpr):
+                     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STAGES: tl.constexpr,
+                     PDL: tl.constexpr, PREFETCH: tl.constexpr):
     pid = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    if PREFETCH > 0:
+        prefetch_rows(w_in, rn, s_win, 0, D, PREFETCH)
+    enter(PDL)
     mm = rm < m
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in tl.range(0, D, BLOCK_K, num_stages=STAGES):
@@ -85,5 +94,6 @@ def mixer_in_triton(normed, in_weight, conv_state, conv_weight, conv_bias, state
         normed.stride(0), in_weight.stride(0), *conv_state.stride(), conv_weight.stride(0), x_proj_weight.stride(0),
         x.stride(0), z.stride(0), x_proj_out.stride(0),
         HAS_CB=conv_bias is not None, W=w, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(D)),
-        BLOCK_R=max(16, triton.next_power_of_2(R)), STAGES=stages, num_warps=warps)
+        BLOCK_R=max(16, triton.next_power_of_2(R)), STAGES=stages, num_warps=warps,
+        **pdl_args(normed.device, in_weight, PREFETCH_K))
     return x, z

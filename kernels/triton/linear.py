@@ -10,18 +10,27 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton._pdl import enter, pdl_args, prefetch_rows
+
+# Elements of each weight row's slice prefetched into L2 while the previous kernel finishes.
+PREFETCH_K = 128
+
 
 @triton.jit
 def _small_linear_kernel(x, w, bias, y, m, n, k, k_split, s_xm, s_wn, s_ym,
                          HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                         PDL: tl.constexpr, PREFETCH: tl.constexpr):
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     mn, mm = rn < n, rm < m
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     k_lo = pid_k * k_split
+    if PREFETCH > 0:
+        prefetch_rows(w, tl.minimum(rn, n - 1), s_wn, k_lo, k, PREFETCH)
+    enter(PDL)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     k_hi = tl.minimum(k_lo + k_split, k)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         kk = k0 + rk
@@ -54,7 +63,7 @@ def _launch(x, weight, bias, y, split, config, accumulate):
     _small_linear_kernel[grid](
         x, weight, bias if bias is not None else weight, y, m, n, k, k_split, x.stride(0), weight.stride(0),
         y.stride(0), HAS_BIAS=bias is not None, ACCUMULATE=accumulate, BLOCK_M=16, BLOCK_N=block_n,
-        BLOCK_K=block_k, STAGES=stages, num_warps=warps)
+        BLOCK_K=block_k, STAGES=stages, num_warps=warps, **pdl_args(x.device, weight, min(PREFETCH_K, k_split)))
     return y
 
 

@@ -9,11 +9,14 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton._pdl import enter, pdl_args
+
 
 @triton.jit
 def _add_rms_norm_kernel(x, res, w, out, res_out, D, eps, s_x, s_r, s_o, s_ro,
-                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    enter(PDL)
     cols = tl.arange(0, BLOCK)
     m = cols < D
     v = tl.load(x + row * s_x + cols, mask=m, other=0.0).to(tl.float32)
@@ -41,5 +44,6 @@ def add_rms_norm_triton(x, residual, weight, eps: float = 1e-5, residual_fp32: b
     assert x2.stride(-1) == 1 and r2.stride(-1) == 1
     _add_rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, res_out, D, eps, x2.stride(0), r2.stride(0),
                                          out.stride(0), res_out.stride(0), HAS_RES=residual is not None,
-                                         BLOCK=triton.next_power_of_2(D), num_warps=8 if D >= 2048 else 4)
+                                         BLOCK=triton.next_power_of_2(D), num_warps=8 if D >= 2048 else 4,
+                                         **pdl_args(x.device))
     return out.view(shape), res_out.view(shape)

@@ -1,0 +1,86 @@
+"""Programmatic dependent launch for the decode step's kernels (Hopper and newer).
+
+A decode step at a few rows is a chain of ~260 short kernels, each bound by reading its
+weights. Between two of them the GPU drains: the last programs of one kernel finish while
+nothing else reads memory, then the next kernel launches and ramps up. With programmatic
+dependent launch (``launch_pdl``), a kernel's programs may start once every program of the
+kernel before it has signalled (``gdc_launch_dependents``), while that kernel still runs.
+Each decode kernel here
+
+1. asks L2 to prefetch the first part of its weight tiles (weights never change, and a
+   prefetch into L2, the point of coherence, cannot read stale data whatever runs);
+2. waits for the previous kernel to complete (``gdc_wait``: all its writes visible);
+3. then lets the next kernel start (``gdc_launch_dependents``), which prefetches in turn.
+
+Nothing is read or written before the wait but the prefetches, and every kernel waits before
+it completes, so when a kernel passes its wait every kernel before it has completed. (Letting
+the short kernels between the projections signal before their wait, so that the next
+projection prefetches while the previous one still streams, measured slower on an H100: the
+prefetches then compete with the streaming loads. Larger prefetches did too.) Kernels launched without the attribute (torch's) serialise as usual. CUDA
+graphs keep the dependencies as programmatic edges, so the captured decode step overlaps the
+same way.
+
+``VLMAMBA_PDL=0`` turns it off (the kernels then launch and run as plain kernels).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from kernels.triton._math import fast_math
+
+
+@functools.cache
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether kernels on ``device`` launch with programmatic dependent launch: an NVIDIA GPU of
+    compute capability 9.0 or newer, not the CPU interpreter, and not turned off."""
+    if device.type != "cuda" or not fast_math() or os.environ.get("VLMAMBA_PDL", "1").lower() in ("0", "false", "off"):
+        return False
+    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Hint L2 to fetch the 128-byte lines holding ``ptrs`` (any shape); no result, no fault."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def enter(PDL: tl.constexpr):
+    """Wait for the previous kernel, then let the next one start (no-ops without ``PDL``)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_rows(base, rows, row_stride, col0, ncols, COLS: tl.constexpr):
+    """Prefetch ``COLS`` elements from column ``col0`` of each row in ``rows`` (valid row
+    indices) of a row-major matrix, one hint per 128-byte line, clamped to ``ncols`` columns."""
+    PER_LINE: tl.constexpr = 1024 // base.dtype.element_ty.primitive_bitwidth
+    LINES: tl.constexpr = COLS // PER_LINE
+    cols = tl.minimum(col0 + tl.arange(0, LINES) * PER_LINE, ncols - 1)
+    prefetch_l2(base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :])
+
+
+def pdl_args(device: torch.device, weight: torch.Tensor | None = None, prefetch: int = 0) -> dict:
+    """Launch arguments of a kernel with ``PDL`` and ``PREFETCH`` constexprs: ``prefetch``
+    elements of each weight row (rounded up to a power-of-two number of 128-byte lines; the
+    kernel clamps them to the row), or none where programmatic dependent launch is off."""
+    on = pdl(device)
+    lines = 0
+    if on and weight is not None and prefetch > 0:
+        per_line = 128 // weight.element_size()
+        lines = triton.next_power_of_2(triton.cdiv(prefetch, per_line)) * per_line
+    return {"PDL": on, "PREFETCH": lines, "launch_pdl": on}

@@ -1,0 +1,73 @@
+"""Programmatic dependent launch of the decode kernels, checked without a GPU: compiled for an
+H100 (sm_90), each kernel prefetches only weights before it waits for the previous kernel, and
+loads nothing before that wait; and the launch is off wherever it cannot run."""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kernels.triton._pdl import pdl, pdl_args  # noqa: E402
+from kernels.triton.decode import _mixer_in_kernel  # noqa: E402
+from kernels.triton.linear import _small_linear_kernel  # noqa: E402
+from kernels.triton.norm import _add_rms_norm_kernel  # noqa: E402
+from kernels.triton.selective_state_update import _ssu_kernel  # noqa: E402
+
+BF16 = "*bf16"
+KERNELS = {
+    "mixer_in": (_mixer_in_kernel, dict.fromkeys(("a_in", "w_in", "cpool", "cw", "cb", "w_x", "x_out", "z_out"), BF16)
+                 | {"idx": "*i64", "xp": "*fp32"},
+                 dict(HAS_CB=True, W=4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, BLOCK_R=256, STAGES=3), 512),
+    "out_proj": (_small_linear_kernel, {"x": BF16, "w": BF16, "bias": BF16, "y": "*fp32"},
+                 dict(HAS_BIAS=False, ACCUMULATE=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, STAGES=4), 256),
+    "state_update": (_ssu_kernel, dict.fromkeys(("state", "A", "D", "dt_bias"), "*fp32")
+                     | dict.fromkeys(("x", "dt", "B", "C", "z", "out", "Wdt"), BF16) | {"idx": "*i64"},
+                     dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_IDX=True, LOWRANK=True,
+                          A_IS_LOG=True, BLOCK_D=32, BLOCK_N=16, BLOCK_R=64), 256),
+    "norm": (_add_rms_norm_kernel, {"x": BF16, "res": "*fp32", "w": BF16, "out": BF16, "res_out": "*fp32",
+                                    "eps": "fp32"}, dict(HAS_RES=True, BLOCK=4096), 0),
+}
+
+def _ptx(name: str, on: bool) -> str:
+    fn, pointers, consts, prefetch = KERNELS[name]  # prefetch: elements of each weight row
+    consts = consts | {"PDL": on, "PREFETCH": prefetch if on else 0}
+    signature = {a: pointers.get(a, "constexpr" if a in consts else "i32") for a in fn.arg_names}
+    src = ASTSource(fn, signature=signature, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"launch_pdl": on}).asm["ptx"]
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_kernels_wait_for_the_previous_one_before_any_load(name):
+    ptx = _ptx(name, True)
+    wait, signal = ptx.find("griddepcontrol.wait"), ptx.find("griddepcontrol.launch_dependents")
+    loads = [i for i in (ptx.find("ld.global"), ptx.find("cp.async"), ptx.find("atom."), ptx.find("red."),
+                         ptx.find("st.global")) if i >= 0]
+    assert 0 <= wait < signal < min(loads)  # wait, let the next kernel start, then touch memory
+    prefetches = [i for i in range(len(ptx)) if ptx.startswith("prefetch.global.L2", i)]
+    if KERNELS[name][3]:  # every weight prefetch comes before the wait
+        assert prefetches and max(prefetches) < wait
+    else:
+        assert not prefetches
+    plain = _ptx(name, False)
+    assert "griddepcontrol" not in plain and "prefetch" not in plain
+
+
+def test_launch_is_off_where_it_cannot_run(monkeypatch):
+    assert not pdl(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not pdl(torch.device("cuda"))  # the interpreter has no grid dependency control
+    assert pdl_args(torch.device("cuda"), torch.empty(4, 64, dtype=torch.bfloat16), 512) == {
+        "PDL": False, "PREFETCH": 0, "launch_pdl": False}
+
+
+def test_prefetch_rounds_up_to_whole_lines(monkeypatch):
+    monkeypatch.setattr("kernels.triton._pdl.pdl", lambda device: True)
+    w16, w32 = torch.empty(4, 64, dtype=torch.bfloat16), torch.empty(4, 64, dtype=torch.float32)
+    assert pdl_args(torch.device("cuda"), w16, 512)["PREFETCH"] == 512  # 8 lines of 64 elements
+    assert pdl_args(torch.device("cuda"), w16, 160)["PREFETCH"] == 256  # 2.5 lines -> 4
+    assert pdl_args(torch.device("cuda"), w32, 160)["PREFETCH"] == 256  # 5 lines of 32 -> 8
+    assert pdl_args(torch.device("cuda"), w16, 0)["PREFETCH"] == 0
+    assert pdl_args(torch.device("cuda"))["PREFETCH"] == 0 and pdl_args(torch.device("cuda"))["launch_pdl"]
