@@ -9,10 +9,9 @@ of T steps, in one of three ways (``_config`` picks by grid size):
   loop. It runs about as many instructions per step as "seq" but exposes no per-step latency,
   and is picked once the grid has 2048 warps of 32 channels (13 sequences at d 5120);
 - "seq": a step loop over a (BLOCK_D, n) tile that the compiler spreads over lanes along n,
-  more threads per channel, for mid-sized grids and, in narrow blocks, for 1 to 3 sequences;
+  more threads per channel, for mid-sized grids and, in narrow blocks, for 2 or 3 sequences;
 - "chunked": the recurrence h_t = a_t * h_{t-1} + b_t as an associative scan over (a, b)
-  pairs along time, the T steps in log2(T) parallel rounds (selected by an explicit config:
-  on an H100 the narrow "seq" loop beat it for every batch).
+  pairs along time, the T steps in log2(T) parallel rounds, for a single sequence.
 
 In the step loops the T steps of a chunk are unrolled so their loads are in flight together.
 Either way the chunk's end state carries into the next chunk.
@@ -233,14 +232,19 @@ def _config(b: int, d: int, n: int) -> tuple[str, int, int, int, int | None]:
     The channel loop is capped at 96 registers per thread: left alone the compiler takes 120,
     an SM then holds 16 warps instead of 20, and the 2 560 warps of 16 x 768 run in two waves
     (1.38 ms; 88 registers 0.669 ms, 80 spill and take 0.766 ms, 104 fit 18 warps: 1.14 ms). T 4 and 8
-    tie (0.659 / 0.667 ms); 16 needs 128 registers (1.15 ms). Below 4 sequences the "seq" loop with
-    16 channels per program and 16 steps per chunk wins (1 / 2 / 3 x 768: 0.254 / 0.427 / 0.436 ms,
-    against 0.273 / 0.535 / 0.785 for the chunked scan, which splits too few channel blocks)."""
+    tie (0.659 / 0.667 ms); 16 needs 128 registers (1.15 ms). With 2 or 3 sequences the "seq" loop
+    with 16 channels per program and 16 steps per chunk wins: the whole 64-layer prefill, replayed
+    from a CUDA graph, takes 20.7 ms at 2 x 384 and 48.4 ms at 3 x 768, against 25.4 and 71.1 ms
+    with the chunked scan, which then splits too few channel blocks. A single sequence keeps the
+    chunked scan (1 x 768: 26.4 ms against 31.8 ms for that "seq" loop in the model, although
+    the loop alone timed faster on synthetic inputs: 0.254 against 0.273 ms per layer)."""
     if n <= 16 and b * triton.cdiv(d, 32) >= 2048:
         return "channel", 64, 8, 2, 96
     for block_d in (128, 64, 32):
         if b * triton.cdiv(d, block_d) >= 512:
             return "seq", block_d, 8, 4, None
+    if b == 1 and triton.next_power_of_2(n) <= 16:
+        return "chunked", 4, 32, 4, None
     return "seq", 16, (16 if triton.next_power_of_2(n) <= 16 else 8), 2, None
 
 

@@ -13,9 +13,6 @@ import triton.language as tl
 
 from kernels.triton._pdl import enter, pdl_args, prefetch_rows
 
-# Channels per program with dt_proj fused: each program reads its rows of dt_proj in one tile.
-LOWRANK_BLOCK_D = 32
-
 
 @triton.jit
 def _ssu_kernel(state, x, dt, A, B, C, D, z, dt_bias, out, idx, Wdt,
@@ -28,52 +25,40 @@ def _ssu_kernel(state, x, dt, A, B, C, D, z, dt_bias, out, idx, Wdt,
     if PREFETCH > 0:  # this block's dt_proj rows
         prefetch_rows(Wdt, tl.minimum(pid_d * BLOCK_D + tl.arange(0, BLOCK_D), d - 1), s_wd, 0, r, PREFETCH)
     enter(PDL)
+    slot = tl.load(idx + b).to(tl.int64) if HAS_IDX else b.to(tl.int64)
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     rn = tl.arange(0, BLOCK_N)
     md, mn = rd < d, rn < n
     m2 = md[:, None] & mn[None, :]
-    # Every load that does not depend on another is issued before any math, so that at a few
-    # rows the step costs one memory round trip after the slot index, not one per operand.
-    slot = tl.load(idx + b).to(tl.int64) if HAS_IDX else b.to(tl.int64)
-    xv = tl.load(x + b * s_xb + rd, mask=md, other=0.0).to(tl.float32)
-    a = tl.load(A + rd[:, None] * s_Ad + rn[None, :], mask=m2, other=0.0).to(tl.float32)
-    bv = tl.load(B + b * s_Bb + rn, mask=mn, other=0.0).to(tl.float32)
-    cv = tl.load(C + b * s_Cb + rn, mask=mn, other=0.0).to(tl.float32)
-    if LOWRANK:  # dt = dt_proj(dt_low): (r,) @ (BLOCK_D, r)^T, fused here instead of a separate GEMM
-        rr = tl.arange(0, BLOCK_R)
-        mr = rr < r
-        lo = tl.load(dt + b * s_dtb + rr, mask=mr, other=0.0).to(tl.float32)
-        wt = tl.load(Wdt + rd[:, None] * s_wd + rr[None, :], mask=md[:, None] & mr[None, :], other=0.0)
-    else:
-        dtv = tl.load(dt + b * s_dtb + rd, mask=md, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(dt_bias + rd, mask=md, other=0.0).to(tl.float32)
-    if HAS_D:
-        dv = tl.load(D + rd, mask=md, other=0.0).to(tl.float32)
-    if HAS_Z:
-        zv = tl.load(z + b * s_zb + rd, mask=md, other=0.0).to(tl.float32)
     hp = state + slot * s_pool + rd[:, None] * s_d + rn[None, :] * s_n
     h = tl.load(hp, mask=m2, other=0.0).to(tl.float32)
-    if LOWRANK:
-        dtv = tl.sum(wt.to(tl.float32) * lo[None, :], axis=1)
-        for r0 in range(BLOCK_R, r, BLOCK_R):  # ranks beyond one tile (none at the usual shapes)
+    xv = tl.load(x + b * s_xb + rd, mask=md, other=0.0).to(tl.float32)
+    if LOWRANK:  # dt = dt_proj(dt_low): (r,) @ (BLOCK_D, r)^T, fused here instead of a separate GEMM
+        dtv = tl.zeros((BLOCK_D,), tl.float32)
+        for r0 in range(0, r, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
             mr = rr < r
             lo = tl.load(dt + b * s_dtb + rr, mask=mr, other=0.0).to(tl.float32)
             wt = tl.load(Wdt + rd[:, None] * s_wd + rr[None, :], mask=md[:, None] & mr[None, :], other=0.0)
             dtv += tl.sum(wt.to(tl.float32) * lo[None, :], axis=1)
+    else:
+        dtv = tl.load(dt + b * s_dtb + rd, mask=md, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        dtv += bias
+        dtv += tl.load(dt_bias + rd, mask=md, other=0.0).to(tl.float32)
     if SOFTPLUS:  # torch's softplus: identity above 20
         dtv = tl.where(dtv <= 20.0, tl.log(1.0 + tl.exp(dtv)), dtv)
+    a = tl.load(A + rd[:, None] * s_Ad + rn[None, :], mask=m2, other=0.0).to(tl.float32)
     if A_IS_LOG:
         a = -tl.exp(a)
+    bv = tl.load(B + b * s_Bb + rn, mask=mn, other=0.0).to(tl.float32)
+    cv = tl.load(C + b * s_Cb + rn, mask=mn, other=0.0).to(tl.float32)
     h = h * tl.exp(a * dtv[:, None]) + bv[None, :] * (dtv * xv)[:, None]
-    tl.store(hp, h.to(state.dtype.element_ty), mask=m2)
+    tl.store(hp, h, mask=m2)
     y = tl.sum(h * cv[None, :], axis=1)
     if HAS_D:
-        y += xv * dv
+        y += xv * tl.load(D + rd, mask=md, other=0.0).to(tl.float32)
     if HAS_Z:
+        zv = tl.load(z + b * s_zb + rd, mask=md, other=0.0).to(tl.float32)
         y *= zv * tl.sigmoid(zv)
     tl.store(out + b * s_ob + rd, y, mask=md)
 
@@ -96,7 +81,7 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     block_d = max(16, min(64, 4096 // block_n))
     dummy = x  # unused pointer arguments must still be tensors
     if lowrank:
-        block_d = LOWRANK_BLOCK_D
+        block_d = 32
     grid = (triton.cdiv(d, block_d), b)
     _ssu_kernel[grid](state, x, dt, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
                       dt_bias if dt_bias is not None else dummy, out,
@@ -107,6 +92,6 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
                       dt_proj_weight.stride(0) if lowrank else 0,
                       HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
                       SOFTPLUS=dt_softplus, HAS_IDX=state_indices is not None, LOWRANK=lowrank, A_IS_LOG=A_is_log,
-                      BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=min(256, triton.next_power_of_2(r)),
+                      BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=64,
                       **pdl_args(x.device, dt_proj_weight, r if lowrank else 0))
     return out
