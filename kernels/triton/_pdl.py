@@ -1,24 +1,23 @@
-"""Programmatic dependent launch for the decode step's kernels (Hopper and newer).
+"""Programmatic dependent launch for the decode step's kernels (Hopper and newer; triton >= 3.4).
 
 A decode step at a few rows is a chain of ~260 short kernels, each bound by reading its
-weights. Between two of them the GPU drains: the last programs of one kernel finish while
-nothing else reads memory, then the next kernel launches and ramps up. With programmatic
-dependent launch (``launch_pdl``), a kernel's programs may start once every program of the
-kernel before it has signalled (``gdc_launch_dependents``), while that kernel still runs.
-Each decode kernel here
+weights, and each pays for its launch and for the ramp-up of its first weight reads. With
+programmatic dependent launch (``launch_pdl``), a kernel's programs may start once every
+program of the kernel before it has signalled (``gdc_launch_dependents``), while that kernel
+still runs. Each decode kernel here
 
-1. asks L2 to prefetch the first part of its weight tiles (weights never change, and a
+1. asks L2 to prefetch the first part of its weight rows (weights never change, and a
    prefetch into L2, the point of coherence, cannot read stale data whatever runs);
 2. waits for the previous kernel to complete (``gdc_wait``: all its writes visible);
-3. then lets the next kernel start (``gdc_launch_dependents``), which prefetches in turn.
+3. then lets the next kernel start, which prefetches in turn.
 
 Nothing is read or written before the wait but the prefetches, and every kernel waits before
-it completes, so when a kernel passes its wait every kernel before it has completed. (Letting
-the short kernels between the projections signal before their wait, so that the next
-projection prefetches while the previous one still streams, measured slower on an H100: the
-prefetches then compete with the streaming loads. Larger prefetches did too.) Kernels launched without the attribute (torch's) serialise as usual. CUDA
-graphs keep the dependencies as programmatic edges, so the captured decode step overlaps the
-same way.
+it completes, so when a kernel passes its wait every kernel before it has completed. Kernels
+launched without the attribute (torch's) serialise as usual. CUDA graphs keep the
+dependencies as programmatic edges, so the captured decode step overlaps the same way.
+Measured slower on an H100 (docs/performance.md): larger prefetches, and letting the short
+kernels between the projections signal before their own wait, so that the next projection
+prefetches while the previous one still streams; the prefetches then compete with its loads.
 
 ``VLMAMBA_PDL=0`` turns it off (the kernels then launch and run as plain kernels).
 """
