@@ -162,7 +162,7 @@ def _conv_update_kernel(x, state, weight, bias, y, idx, d, s_xb, s_sp, s_sd, s_s
         tl.store(sp + (k - 1) * s_sw, cur, mask=md)
     tl.store(sp + (W - 2) * s_sw, xv.to(state.dtype.element_ty), mask=md)
     if SILU:
-        acc = acc * tl.sigmoid(acc)
+        acc = silu(acc, False)
     tl.store(y + b * s_yb + rd, acc, mask=md)
 
 

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton._math import silu
 from kernels.triton._pdl import enter, pdl_args, prefetch_rows
 
 # Elements of each in_proj row prefetched into L2 while the previous kernel finishes (0: none).
@@ -58,7 +59,7 @@ def _mixer_in_kernel(a_in, w_in, cpool, cw, cb, idx, w_x, x_out, z_out, xp, m, D
             c += tl.load(cw + rn * s_cw + k).to(tl.float32)[None, :] * cur.to(dt).to(tl.float32)
             tl.store(sp + (k - 1) * s_cs, cur, mask=mm[:, None])
         tl.store(sp + (W - 2) * s_cs, y.to(cpool.dtype.element_ty), mask=mm[:, None])
-        u = (c * tl.sigmoid(c)).to(dt)
+        u = silu(c, False).to(dt)
         tl.store(x_out + rm[:, None] * s_xo + rn[None, :], u, mask=mm[:, None])
         rr = tl.arange(0, BLOCK_R)
         mr = rr < R

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton._math import silu, softplus
 from kernels.triton._pdl import enter, pdl_args, prefetch_rows
 
 
@@ -45,8 +46,8 @@ def _ssu_kernel(state, x, dt, A, B, C, D, z, dt_bias, out, idx, Wdt,
         dtv = tl.load(dt + b * s_dtb + rd, mask=md, other=0.0).to(tl.float32)
     if HAS_BIAS:
         dtv += tl.load(dt_bias + rd, mask=md, other=0.0).to(tl.float32)
-    if SOFTPLUS:  # torch's softplus: identity above 20
-        dtv = tl.where(dtv <= 20.0, tl.log(1.0 + tl.exp(dtv)), dtv)
+    if SOFTPLUS:
+        dtv = softplus(dtv, False)
     a = tl.load(A + rd[:, None] * s_Ad + rn[None, :], mask=m2, other=0.0).to(tl.float32)
     if A_IS_LOG:
         a = -tl.exp(a)
@@ -59,7 +60,7 @@ def _ssu_kernel(state, x, dt, A, B, C, D, z, dt_bias, out, idx, Wdt,
         y += xv * tl.load(D + rd, mask=md, other=0.0).to(tl.float32)
     if HAS_Z:
         zv = tl.load(z + b * s_zb + rd, mask=md, other=0.0).to(tl.float32)
-        y *= zv * tl.sigmoid(zv)
+        y *= silu(zv, False)
     tl.store(out + b * s_ob + rd, y, mask=md)
 
 
