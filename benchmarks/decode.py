@@ -14,7 +14,10 @@ max_length changes). Definitions, the same for every system:
   captured decode step + argmax in a plain loop, the same work mamba-ssm's ``generate`` does;
 - prefill latency (``--prefill-shapes``, ours only): one prefill of each batch x prompt shape
   launched eagerly and on the engine's path, which shows what the prefill graphs save where the
-  host's launches, not the GPU, bound a prefill.
+  host's launches, not the GPU, bound a prefill;
+- programmatic dependent launch (``--pdl-ab``, ours only): one decode step replayed from a CUDA
+  graph (eagerly on a CPU) with the decode kernels launched plainly (``VLMAMBA_PDL=0``) and with
+  programmatic dependent launch, captured and timed alternately in this process.
 
     python -m benchmarks.decode                      # the 2.8B shape on cuda, JSON + docs/performance.md
     python -m benchmarks.decode --device cpu --layers 2 --d-model 64 --batches 1 2 --prompt 16 --new 4 --doc ''
@@ -176,6 +179,43 @@ def bench_ours(args, cfg, device, dtype) -> tuple[list[dict], object]:
     rows.append({"system": name, "state_bytes_per_sequence": engine.state.bytes_per_slot,
                  "state_dtype": args.state_dtype})
     return rows, model
+
+
+def pdl_ab(model, device, batches, rounds: int = 2, steps: int = 300) -> list[dict]:
+    """ms per decode step at each batch with programmatic dependent launch off and on (the
+    kernels read ``VLMAMBA_PDL`` when a graph is captured), alternating ``rounds`` times; the
+    best of the rounds per setting."""
+    import os
+
+    from model.graphs import capture_graphs
+
+    before = os.environ.get("VLMAMBA_PDL")
+    rows = []
+    try:
+        for b in batches:
+            state = model.allocate_state(b)
+            slots, tok = torch.arange(b, device=device), torch.zeros(b, dtype=torch.long, device=device)
+            best = {}
+            for _ in range(rounds):
+                for setting in ("0", "1"):
+                    os.environ["VLMAMBA_PDL"] = setting
+                    with torch.inference_mode():
+                        step = lambda: model.step(tok, state=state, slots=slots)
+                        if torch.device(device).type == "cuda":
+                            graph, _ = capture_graphs(device, [b], lambda _: step())[b]
+                            step = graph.replay
+                        step()
+                        t, _ = timed(lambda: [step() for _ in range(steps)], device)
+                    best[setting] = min(best.get(setting, float("inf")), t / steps * 1e3)
+            rows += [{"system": "ours", "pdl_ab_batch": b, "pdl": setting == "1", "step_ms": ms}
+                     for setting, ms in best.items()]
+            print(rows[-2:], flush=True)
+    finally:
+        if before is None:
+            os.environ.pop("VLMAMBA_PDL", None)
+        else:
+            os.environ["VLMAMBA_PDL"] = before
+    return rows
 
 
 def profile_steps(model, device, batches, steps: int = 5) -> None:
@@ -346,6 +386,14 @@ def report(result: dict, batches: list[int]) -> str:
                  markdown_table(["system", "batch x prompt", "eager ms", "engine ms", "from a graph"],
                                 [[r["system"], f"{r['prefill_shape'][0]} x {r['prefill_shape'][1]}", r["eager_ms"],
                                   r["engine_ms"], "yes" if r["graph"] else "no"] for r in shapes])]
+    ab = {(r["pdl_ab_batch"], r["pdl"]): r["step_ms"] for r in result["rows"] if "pdl_ab_batch" in r}
+    if ab:
+        text += ["", "One decode step of ours replayed from a CUDA graph, the decode kernels launched plainly "
+                     "and with programmatic dependent launch (`--pdl-ab`, alternating in one process, best of the "
+                     "rounds):", "",
+                 markdown_table(["batch", "plain ms", "PDL ms", "PDL gain"],
+                                [[b, f"{ab[b, False]:.3f}", f"{ab[b, True]:.3f}", f"{ab[b, False] / ab[b, True] - 1:+.1%}"]
+                                 for b in sorted({b for b, _ in ab})])]
     if peaks:
         text += ["", "Peak GPU memory of our engine runs (weights + state pool for 256 + activations): " +
                  ", ".join(peaks) + "."]
@@ -386,6 +434,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--prefill-shapes", nargs="*", default=None, metavar="BxL", type=_shape,
                     help="also time single prefills of these batch x prompt shapes, eagerly and on the engine's "
                          "path (default on CUDA: 1x128 1x256 1x768 4x384 16x768)")
+    ap.add_argument("--pdl-ab", type=int, nargs="*", default=[], metavar="B",
+                    help="also time one graph-replayed decode step of ours at these batch sizes with the decode "
+                         "kernels launched plainly and with programmatic dependent launch, alternately")
     ap.add_argument("--layers", type=int, default=0, help="override n_layer (smoke runs)")
     ap.add_argument("--d-model", type=int, default=0, help="override d_model (smoke runs)")
     ap.add_argument("--out", default=None, help="JSON file")
@@ -408,6 +459,9 @@ def main(argv=None) -> dict:
         partial()
     else:  # the peers still take our weights
         ours = build_ours(cfg, device, dtype, args.backend)[0]
+    if args.pdl_ab:
+        result["rows"] += pdl_ab(ours, device, args.pdl_ab)
+        partial()
     if "mamba-ssm" in args.systems and device.type == "cuda":
         try:
             result["rows"] += bench_mamba_ssm(args, cfg, ours, device)
