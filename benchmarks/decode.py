@@ -17,7 +17,13 @@ max_length changes). Definitions, the same for every system:
   host's launches, not the GPU, bound a prefill;
 - programmatic dependent launch (``--pdl-ab``, ours only): one decode step replayed from a CUDA
   graph (eagerly on a CPU) with the decode kernels launched plainly (``VLMAMBA_PDL=0``) and with
-  programmatic dependent launch, captured and timed alternately in this process.
+  programmatic dependent launch, captured and timed alternately in this process;
+- prefill scan loops (``--scan-ab``, ours only): one prefill of each batch x prompt shape
+  through the whole LM, replayed from a CUDA graph, with the scan kernel's own choice and with
+  each of its loops forced (:data:`SCAN_LOOPS`), captured and timed alternately;
+- decode timeline (``--timeline``, ours only): the kernels of one decode step replayed from a
+  CUDA graph as the profiler sees them: how many, first start to last end, the gaps between
+  them, and the mean time of each kind.
 
     python -m benchmarks.decode                      # the 2.8B shape on cuda, JSON + docs/performance.md
     python -m benchmarks.decode --device cpu --layers 2 --d-model 64 --batches 1 2 --prompt 16 --new 4 --doc ''
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shlex
 import threading
 from pathlib import Path
 
@@ -218,6 +225,91 @@ def pdl_ab(model, device, batches, rounds: int = 2, steps: int = 300) -> list[di
     return rows
 
 
+# Scan loops that --scan-ab forces, as kernels.triton.selective_scan._config returns them: the
+# chunked scan (one sequence) and the 16-channel "seq" loop with 16 steps per chunk (2-3 sequences).
+SCAN_LOOPS = {"chunked": ("chunked", 4, 32, 4, None), "seq16": ("seq", 16, 16, 2, None)}
+
+
+def scan_ab(model, device, shapes, rounds: int = 2, repeats: int = 10) -> list[dict]:
+    """ms of one prefill of each (batch, length) through the whole LM (replayed from a CUDA graph
+    on a GPU), with the scan kernel's own configuration ("auto") and with each of SCAN_LOOPS
+    forced; the kernels read the configuration when a graph is captured, so every setting is
+    captured afresh, alternating ``rounds`` times; the best of the rounds per setting."""
+    import kernels.triton.selective_scan as scan
+
+    from model.graphs import capture_graphs
+
+    own = scan._config
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for b, l in shapes:
+            ids = torch.randint(2, model.config.vocab_size, (b, l), generator=gen).to(device)
+            state, slots = model.allocate_state(b), torch.arange(b, device=device)
+            best = {}
+            for _ in range(rounds):
+                for name, loop in {"auto": None, **SCAN_LOOPS}.items():
+                    scan._config = own if loop is None else (lambda *_, loop=loop: loop)
+                    with torch.inference_mode():
+                        fn = lambda: model(ids, state=state, slots=slots, last_only=True)
+                        if torch.device(device).type == "cuda":
+                            graph, _ = capture_graphs(device, [0], lambda _: fn())[0]
+                            fn = graph.replay
+                        fn()
+                        t, _ = timed(lambda: [fn() for _ in range(repeats)], device)
+                    best[name] = min(best.get(name, float("inf")), t / repeats * 1e3)
+            auto = own(b, model.config.d_inner, model.config.d_state)
+            rows += [{"system": "ours", "scan_ab_shape": [b, l], "scan": name, "auto_is": list(auto), "ms": ms}
+                     for name, ms in best.items()]
+            print(rows[-len(best):], flush=True)
+            del state
+    finally:
+        scan._config = own
+    return rows
+
+
+def timeline(model, device, batches) -> list[dict]:
+    """The kernels of one decode step per batch replayed from a CUDA graph, as the profiler
+    records them (on a CPU: the operators of one eager step): count, span from the first start
+    to the last end, the idle gaps between consecutive ones, and count and mean µs per name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from model.graphs import capture_graphs
+
+    cuda = torch.device(device).type == "cuda"
+    rows = []
+    for b in batches:
+        state = model.allocate_state(b)
+        slots, tok = torch.arange(b, device=device), torch.zeros(b, dtype=torch.long, device=device)
+        with torch.inference_mode():
+            step = lambda: model.step(tok, state=state, slots=slots)
+            if cuda:
+                graph, _ = capture_graphs(device, [b], lambda _: step())[b]
+                step = graph.replay
+            for _ in range(3):
+                step()
+            sync(device)
+            with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+                step()
+                sync(device)
+        kind = "CUDA" if cuda else "CPU"
+        events = sorted((e for e in prof.events() if e.device_type.name == kind and
+                         (cuda or e.cpu_parent is None)), key=lambda e: e.time_range.start)
+        spans = [(e.time_range.start, e.time_range.end) for e in events]
+        gaps = sum(max(0, nxt[0] - max(end for _, end in spans[: i + 1])) for i, nxt in enumerate(spans[1:]))
+        per = {}
+        for e in events:
+            n, total = per.get(e.name, (0, 0.0))
+            per[e.name] = (n + 1, total + e.time_range.end - e.time_range.start)
+        rows.append({"system": "ours", "timeline_batch": b, "device_kind": kind, "kernels": len(events),
+                     "span_us": spans[-1][1] - spans[0][0] if spans else 0.0, "gaps_us": gaps,
+                     "per_name": {k: {"count": n, "mean_us": t / n}
+                                  for k, (n, t) in sorted(per.items(), key=lambda kv: -kv[1][1])}})
+        print({k: v for k, v in rows[-1].items() if k != "per_name"}, flush=True)
+        del state
+    return rows
+
+
 def profile_steps(model, device, batches, steps: int = 5) -> None:
     """Print the kernels of eager decode steps, most GPU time first (where a step's time goes)."""
     from torch.profiler import ProfilerActivity, profile
@@ -394,6 +486,22 @@ def report(result: dict, batches: list[int]) -> str:
                  markdown_table(["batch", "plain ms", "PDL ms", "PDL gain"],
                                 [[b, f"{ab[b, False]:.3f}", f"{ab[b, True]:.3f}", f"{ab[b, False] / ab[b, True] - 1:+.1%}"]
                                  for b in sorted({b for b, _ in ab})])]
+    scans = [r for r in result["rows"] if "scan_ab_shape" in r]
+    if scans:
+        names = list(dict.fromkeys(r["scan"] for r in scans))
+        by = {(tuple(r["scan_ab_shape"]), r["scan"]): r for r in scans}
+        shapes_ab = list(dict.fromkeys(tuple(r["scan_ab_shape"]) for r in scans))
+        text += ["", "One prefill through the whole LM replayed from a CUDA graph, with the scan's own choice "
+                     "(auto) and each loop forced (`--scan-ab`, alternating in one process, best of the rounds; ms):",
+                 "", markdown_table(["batch x prompt", "auto picks"] + names,
+                                    [[f"{b} x {l}", by[(b, l), names[0]]["auto_is"][0]] +
+                                     [f"{by[(b, l), n]['ms']:.2f}" for n in names] for b, l in shapes_ab])]
+    for r in result["rows"]:
+        if "timeline_batch" in r and r["device_kind"] == "CUDA":
+            top = ", ".join(f"{k[:40]} {v['count']} × {v['mean_us']:.1f} µs" for k, v in list(r["per_name"].items())[:6])
+            text += ["", f"Timeline of one decode step at B={r['timeline_batch']} replayed from a CUDA graph "
+                         f"(`--timeline`): {r['kernels']} kernels, {r['span_us'] / 1e3:.3f} ms from the first start "
+                         f"to the last end, {r['gaps_us']:.0f} µs of gaps between them; by time: {top}."]
     if peaks:
         text += ["", "Peak GPU memory of our engine runs (weights + state pool for 256 + activations): " +
                  ", ".join(peaks) + "."]
@@ -437,6 +545,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--pdl-ab", type=int, nargs="*", default=[], metavar="B",
                     help="also time one graph-replayed decode step of ours at these batch sizes with the decode "
                          "kernels launched plainly and with programmatic dependent launch, alternately")
+    ap.add_argument("--scan-ab", nargs="*", default=[], metavar="BxL", type=_shape,
+                    help="also time one prefill of ours per batch x prompt shape, replayed from a CUDA graph, with "
+                         "the scan's own configuration and each of its loops forced, alternately")
+    ap.add_argument("--timeline", type=int, nargs="*", default=[], metavar="B",
+                    help="also record the kernels of one graph-replayed decode step of ours at these batch sizes")
     ap.add_argument("--layers", type=int, default=0, help="override n_layer (smoke runs)")
     ap.add_argument("--d-model", type=int, default=0, help="override d_model (smoke runs)")
     ap.add_argument("--out", default=None, help="JSON file")
@@ -450,7 +563,7 @@ def main(argv=None) -> dict:
     cfg = lm_config(args)
     result = {"benchmark": "decode", "machine": machine(device), "config": {**cfg.to_dict(),
               "padded_vocab_size": cfg.padded_vocab_size}, "prompt": args.prompt, "new": args.new, "dtype": str(dtype).removeprefix("torch."),
-              "command": "python -m benchmarks.decode " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+              "command": "python -m benchmarks.decode " + shlex.join(argv if argv is not None else __import__("sys").argv[1:]),
               "rows": []}
     partial = lambda: write_json(result, args.out, quiet=True)  # a run cut short keeps what it measured
     if "ours" in args.systems:
@@ -461,6 +574,12 @@ def main(argv=None) -> dict:
         ours = build_ours(cfg, device, dtype, args.backend)[0]
     if args.pdl_ab:
         result["rows"] += pdl_ab(ours, device, args.pdl_ab)
+        partial()
+    if args.scan_ab:
+        result["rows"] += scan_ab(ours.llm, device, args.scan_ab)
+        partial()
+    if args.timeline:
+        result["rows"] += timeline(ours, device, args.timeline)
         partial()
     if "mamba-ssm" in args.systems and device.type == "cuda":
         try:

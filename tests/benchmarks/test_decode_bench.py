@@ -71,3 +71,32 @@ def test_decode_benchmark_merges_an_earlier_run(tmp_path):
     out = main(common + ["--systems", "ours", "--merge", str(first)])
     assert {r["system"] for r in out["rows"] if "batch" in r} == {"ours", "transformers"}
     assert "| transformers generate |" in out["table"] and "| ours (engine) |" in out["table"]
+
+
+def test_decode_benchmark_times_prefill_with_each_scan_loop():
+    """--scan-ab times each shape with the scan's own choice and each loop forced, writes its
+    table, and leaves the scan's configuration function as it found it."""
+    import kernels.triton.selective_scan as scan
+    from benchmarks.decode import SCAN_LOOPS
+
+    own = scan._config
+    out = main(["--device", "cpu", "--layers", "1", "--d-model", "32", "--batches", "1", "--prompt", "6",
+                "--new", "2", "--repeats", "1", "--systems", "--doc", "", "--scan-ab", "1x8", "2x4"])
+    rows = {(tuple(r["scan_ab_shape"]), r["scan"]): r for r in out["rows"] if "scan_ab_shape" in r}
+    assert sorted(rows) == sorted((s, n) for s in ((1, 8), (2, 4)) for n in ("auto", *SCAN_LOOPS))
+    assert all(r["ms"] > 0 for r in rows.values())
+    assert rows[(1, 8), "auto"]["auto_is"] == list(own(1, 64, 16))  # d_inner 64 at d_model 32
+    assert scan._config is own
+    assert "| batch x prompt | auto picks | auto | chunked | seq16 |" in out["table"] and "\n| 2 x 4 | " in out["table"]
+
+
+def test_decode_benchmark_records_a_step_timeline():
+    """--timeline records one step's kernels (on a CPU: its top-level operators) with a span
+    that covers them and per-name counts that add up to the total."""
+    out = main(["--device", "cpu", "--layers", "2", "--d-model", "32", "--batches", "1", "--prompt", "6",
+                "--new", "2", "--repeats", "1", "--systems", "--doc", "", "--timeline", "2"])
+    (row,) = [r for r in out["rows"] if "timeline_batch" in r]
+    assert row["timeline_batch"] == 2 and row["device_kind"] == "CPU" and row["kernels"] > 2
+    assert sum(v["count"] for v in row["per_name"].values()) == row["kernels"]
+    assert 0 <= row["gaps_us"] < row["span_us"]
+    assert row["span_us"] >= max(v["mean_us"] for v in row["per_name"].values())
