@@ -262,7 +262,6 @@ def scan_ab(model, device, shapes, rounds: int = 2, repeats: int = 10) -> list[d
             rows += [{"system": "ours", "scan_ab_shape": [b, l], "scan": name, "auto_is": list(auto), "ms": ms}
                      for name, ms in best.items()]
             print(rows[-len(best):], flush=True)
-            del state
     finally:
         scan._config = own
     return rows
@@ -306,7 +305,6 @@ def timeline(model, device, batches) -> list[dict]:
                      "per_name": {k: {"count": n, "mean_us": t / n}
                                   for k, (n, t) in sorted(per.items(), key=lambda kv: -kv[1][1])}})
         print({k: v for k, v in rows[-1].items() if k != "per_name"}, flush=True)
-        del state
     return rows
 
 
