@@ -269,42 +269,58 @@ def scan_ab(model, device, shapes, rounds: int = 2, repeats: int = 10) -> list[d
 
 def timeline(model, device, batches) -> list[dict]:
     """The kernels of one decode step per batch replayed from a CUDA graph, as the profiler
-    records them (on a CPU: the operators of one eager step): count, span from the first start
-    to the last end, the idle gaps between consecutive ones, and count and mean µs per name."""
+    records them (on a CPU: the operators of one eager step), captured with programmatic
+    dependent launch off and on: count, span from the first start to the last end, the idle
+    gaps between consecutive ones, and count and mean µs per name. With it on, a kernel starts
+    early and waits for the one before, so its recorded time includes that wait; the per-name
+    times mean what each kernel costs only with it off."""
+    import os
+
     from torch.profiler import ProfilerActivity, profile
 
     from model.graphs import capture_graphs
 
     cuda = torch.device(device).type == "cuda"
+    kind = "CUDA" if cuda else "CPU"
+    before = os.environ.get("VLMAMBA_PDL")
     rows = []
-    for b in batches:
-        state = model.allocate_state(b)
-        slots, tok = torch.arange(b, device=device), torch.zeros(b, dtype=torch.long, device=device)
-        with torch.inference_mode():
-            step = lambda: model.step(tok, state=state, slots=slots)
-            if cuda:
-                graph, _ = capture_graphs(device, [b], lambda _: step())[b]
-                step = graph.replay
-            for _ in range(3):
-                step()
-            sync(device)
-            with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-                step()
-                sync(device)
-        kind = "CUDA" if cuda else "CPU"
-        events = sorted((e for e in prof.events() if e.device_type.name == kind and
-                         (cuda or e.cpu_parent is None)), key=lambda e: e.time_range.start)
-        spans = [(e.time_range.start, e.time_range.end) for e in events]
-        gaps = sum(max(0, nxt[0] - max(end for _, end in spans[: i + 1])) for i, nxt in enumerate(spans[1:]))
-        per = {}
-        for e in events:
-            n, total = per.get(e.name, (0, 0.0))
-            per[e.name] = (n + 1, total + e.time_range.end - e.time_range.start)
-        rows.append({"system": "ours", "timeline_batch": b, "device_kind": kind, "kernels": len(events),
-                     "span_us": spans[-1][1] - spans[0][0] if spans else 0.0, "gaps_us": gaps,
-                     "per_name": {k: {"count": n, "mean_us": t / n}
-                                  for k, (n, t) in sorted(per.items(), key=lambda kv: -kv[1][1])}})
-        print({k: v for k, v in rows[-1].items() if k != "per_name"}, flush=True)
+    try:
+        for b in batches:
+            state = model.allocate_state(b)
+            slots, tok = torch.arange(b, device=device), torch.zeros(b, dtype=torch.long, device=device)
+            for setting in ("0", "1"):
+                os.environ["VLMAMBA_PDL"] = setting
+                with torch.inference_mode():
+                    step = lambda: model.step(tok, state=state, slots=slots)
+                    if cuda:
+                        graph, _ = capture_graphs(device, [b], lambda _: step())[b]
+                        step = graph.replay
+                    for _ in range(3):
+                        step()
+                    sync(device)
+                    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+                        step()
+                        sync(device)
+                events = sorted((e for e in prof.events() if e.device_type.name == kind and
+                                 (cuda or e.cpu_parent is None)), key=lambda e: e.time_range.start)
+                spans = [(e.time_range.start, e.time_range.end) for e in events]
+                ends = [end for _, end in spans]
+                gaps = sum(max(0, start - max(ends[: i + 1])) for i, (start, _) in enumerate(spans[1:]))
+                per = {}
+                for e in events:
+                    n, total = per.get(e.name, (0, 0.0))
+                    per[e.name] = (n + 1, total + e.time_range.end - e.time_range.start)
+                rows.append({"system": "ours", "timeline_batch": b, "pdl": setting == "1", "device_kind": kind,
+                             "kernels": len(events), "span_us": max(ends) - spans[0][0] if spans else 0.0,
+                             "gaps_us": gaps,
+                             "per_name": {k: {"count": n, "mean_us": t / n}
+                                          for k, (n, t) in sorted(per.items(), key=lambda kv: -kv[1][1])}})
+                print({k: v for k, v in rows[-1].items() if k != "per_name"}, flush=True)
+    finally:
+        if before is None:
+            os.environ.pop("VLMAMBA_PDL", None)
+        else:
+            os.environ["VLMAMBA_PDL"] = before
     return rows
 
 
@@ -494,12 +510,18 @@ def report(result: dict, batches: list[int]) -> str:
                  "", markdown_table(["batch x prompt", "auto picks"] + names,
                                     [[f"{b} x {l}", by[(b, l), names[0]]["auto_is"][0]] +
                                      [f"{by[(b, l), n]['ms']:.2f}" for n in names] for b, l in shapes_ab])]
-    for r in result["rows"]:
-        if "timeline_batch" in r and r["device_kind"] == "CUDA":
-            top = ", ".join(f"{k[:40]} {v['count']} × {v['mean_us']:.1f} µs" for k, v in list(r["per_name"].items())[:6])
-            text += ["", f"Timeline of one decode step at B={r['timeline_batch']} replayed from a CUDA graph "
-                         f"(`--timeline`): {r['kernels']} kernels, {r['span_us'] / 1e3:.3f} ms from the first start "
-                         f"to the last end, {r['gaps_us']:.0f} µs of gaps between them; by time: {top}."]
+    lines = {(r["timeline_batch"], r["pdl"]): r for r in result["rows"]
+             if "timeline_batch" in r and r["device_kind"] == "CUDA"}
+    for b in sorted({b for b, _ in lines}):
+        off, on = lines.get((b, False)), lines.get((b, True))
+        if off:
+            top = ", ".join(f"{k[:32]} {v['count']} × {v['mean_us']:.1f} µs" for k, v in list(off["per_name"].items())[:6])
+            text += ["", f"Timeline of one decode step at B={b} replayed from a CUDA graph (`--timeline`), kernels "
+                         f"launched plainly: {off['kernels']} kernels, {off['span_us'] / 1e3:.3f} ms from the first "
+                         f"start to the last end, {off['gaps_us']:.0f} µs of gaps between them; by time: {top}."]
+        if on:
+            text += [f"With programmatic dependent launch: {on['span_us'] / 1e3:.3f} ms (its kernels start early "
+                     f"and wait for the one before, so their spans overlap)."]
     if peaks:
         text += ["", "Peak GPU memory of our engine runs (weights + state pool for 256 + activations): " +
                  ", ".join(peaks) + "."]

@@ -90,13 +90,38 @@ def test_decode_benchmark_times_prefill_with_each_scan_loop():
     assert "| batch x prompt | auto picks | auto | chunked | seq16 |" in out["table"] and "\n| 2 x 4 | " in out["table"]
 
 
-def test_decode_benchmark_records_a_step_timeline():
-    """--timeline records one step's kernels (on a CPU: its top-level operators) with a span
-    that covers them and per-name counts that add up to the total."""
+def test_decode_benchmark_records_a_step_timeline(monkeypatch):
+    """--timeline records one step's kernels (on a CPU: its top-level operators) with
+    programmatic dependent launch off and on, each with a span that covers them and per-name
+    counts that add up to the total, and leaves VLMAMBA_PDL as it found it."""
+    import os
+
+    monkeypatch.delenv("VLMAMBA_PDL", raising=False)
     out = main(["--device", "cpu", "--layers", "2", "--d-model", "32", "--batches", "1", "--prompt", "6",
                 "--new", "2", "--repeats", "1", "--systems", "--doc", "", "--timeline", "2"])
-    (row,) = [r for r in out["rows"] if "timeline_batch" in r]
-    assert row["timeline_batch"] == 2 and row["device_kind"] == "CPU" and row["kernels"] > 2
-    assert sum(v["count"] for v in row["per_name"].values()) == row["kernels"]
-    assert 0 <= row["gaps_us"] < row["span_us"]
-    assert row["span_us"] >= max(v["mean_us"] for v in row["per_name"].values())
+    rows = [r for r in out["rows"] if "timeline_batch" in r]
+    assert [(r["timeline_batch"], r["pdl"]) for r in rows] == [(2, False), (2, True)]
+    for row in rows:
+        assert row["device_kind"] == "CPU" and row["kernels"] > 2
+        assert sum(v["count"] for v in row["per_name"].values()) == row["kernels"]
+        assert 0 <= row["gaps_us"] < row["span_us"]
+        assert row["span_us"] >= max(v["mean_us"] for v in row["per_name"].values())
+    assert "VLMAMBA_PDL" not in os.environ
+
+
+def test_decode_report_gives_per_kernel_times_only_for_plain_launches():
+    """With programmatic dependent launch the recorded kernel spans include their waits, so the
+    report quotes per-kernel times from the plain capture and only the span from the other."""
+    from benchmarks.decode import report
+
+    def row(pdl, span, per):
+        return {"system": "ours", "timeline_batch": 1, "pdl": pdl, "device_kind": "CUDA", "kernels": 4,
+                "span_us": span, "gaps_us": 3.0, "per_name": per}
+
+    result = {"machine": {"gpu": "GPU", "torch": "t", "date": "d"}, "config": {"d_model": 8, "n_layer": 1,
+              "padded_vocab_size": 16}, "dtype": "bfloat16", "prompt": 4, "new": 2, "command": "c",
+              "rows": [row(False, 2800.0, {"_mixer_in_kernel": {"count": 2, "mean_us": 22.9}}),
+                       row(True, 2700.0, {"_ssu_kernel": {"count": 2, "mean_us": 26.3}})]}
+    text = report(result, [1])
+    assert "kernels launched plainly: 4 kernels, 2.800 ms" in text and "_mixer_in_kernel 2 × 22.9 µs" in text
+    assert "With programmatic dependent launch: 2.700 ms" in text and "_ssu_kernel" not in text
