@@ -68,6 +68,19 @@ def logits_mask(vocab_size: int, n_real: int, banned: tuple[int, ...], device) -
     return mask
 
 
+def to_device(data, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.tensor(data, dtype=dtype, device=device)`` without stalling the host on a GPU.
+
+    A host-to-device copy from pageable memory is a blocking copy: PyTorch waits for the whole
+    stream, so the engine would sit idle until the decode step in flight had finished instead
+    of queueing the next one. On CUDA the values go through pinned memory with an asynchronous
+    copy instead (the caching host allocator keeps the pinned buffer until the copy has run)."""
+    t = torch.as_tensor(data, dtype=dtype)
+    if torch.device(device).type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def pick_tokens(logits: torch.Tensor, decoders: list[SequenceDecoder], mask: torch.Tensor | None = None) -> torch.Tensor:
     """Sample one token per row of logits (b, V) with each row's own parameters."""
     if mask is not None:
@@ -79,15 +92,15 @@ def pick_tokens(logits: torch.Tensor, decoders: list[SequenceDecoder], mask: tor
         return logits.argmax(-1)  # decided on the host: no device sync before the token read
     logits = logits.float()
     if penalised:
-        pres = torch.tensor([p.presence_penalty for p in ps], device=dev)
-        freq = torch.tensor([p.frequency_penalty for p in ps], device=dev)
+        pres = to_device([p.presence_penalty for p in ps], dev, torch.float32)
+        freq = to_device([p.frequency_penalty for p in ps], dev, torch.float32)
         counts = torch.zeros_like(logits)
         for i, d in enumerate(decoders):
             if d.token_ids:
-                counts[i].index_add_(0, torch.tensor(d.token_ids, device=dev), torch.ones(len(d.token_ids), device=dev))
+                counts[i].index_add_(0, to_device(d.token_ids, dev, torch.long), torch.ones(len(d.token_ids), device=dev))
         logits = apply_penalties(logits, counts, pres, freq)
-    return sample(logits, torch.tensor([p.temperature for p in ps], device=dev),
-                  torch.tensor([p.top_k for p in ps], device=dev), torch.tensor([p.top_p for p in ps], device=dev),
+    return sample(logits, to_device([p.temperature for p in ps], dev, torch.float32),
+                  to_device([p.top_k for p in ps], dev, torch.long), to_device([p.top_p for p in ps], dev, torch.float32),
                   [d.generator for d in decoders])
 
 

@@ -70,7 +70,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     """
     logits = logits.float()
     greedy = temperature == 0
-    if bool(greedy.all()):
+    if temperature.device.type == "cpu" and bool(greedy.all()):  # on a GPU this test would wait for the device
         return logits.argmax(-1)
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     probs = torch.softmax(_filter(scaled, top_k, top_p), dim=-1)

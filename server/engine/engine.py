@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.generate import SequenceDecoder, logits_mask, pick_tokens
+from model.generate import SequenceDecoder, logits_mask, pick_tokens, to_device
 from server.engine.state_cache import StateCache, prefix_hashes, prompt_items
 from server.engine.types import EngineOutput, EngineRequest, EngineStats
 
@@ -109,6 +109,7 @@ class Engine:
         self.steps = self.batched_steps = self.max_batch = 0
         self.last_heartbeat = time.monotonic()
         self._inflight: _Inflight | None = None
+        self._slots: tuple[tuple[int, ...], torch.Tensor | None] = ((), None)  # the decode batch's slots on the device
         self._pinned = [torch.empty(self.config.max_num_seqs, dtype=torch.long, pin_memory=True)
                         for _ in range(2)] if self.device.type == "cuda" else None
         self._flip = 0
@@ -284,13 +285,13 @@ class Engine:
     def _prefill(self, reqs: list[EngineRequest]) -> None:
         suffixes = [r.prompt_ids[r.cached_tokens:] for r in reqs]
         images = self._suffix_images(reqs)
-        lengths = torch.tensor([len(s) for s in suffixes], device=self.device)
-        ids = torch.zeros(len(reqs), int(lengths.max()), dtype=torch.long)
+        lengths = to_device([len(s) for s in suffixes], self.device, torch.long)
+        ids = torch.zeros(len(reqs), max(len(s) for s in suffixes), dtype=torch.long)
         for i, s in enumerate(suffixes):
             ids[i, : len(s)] = torch.tensor(s)
-        slots = torch.tensor([r.slot for r in reqs], device=self.device)
-        logits = self.prefill_logits(ids.to(self.device), torch.stack(images).to(self.device) if images else None,
-                                     slots, lengths)
+        slots = to_device([r.slot for r in reqs], self.device, torch.long)
+        pixels = to_device(torch.stack(images), self.device) if images else None
+        logits = self.prefill_logits(to_device(ids, self.device), pixels, slots, lengths)
         for r in reqs:  # the prompt's end: a resume point even if the reply does not re-tokenize the same
             self.cache.store(r.scope, r.session_id, r.prompt_key, len(r.prompt_ids), self.state.read(r.slot))
         self._emit(reqs, logits)
@@ -322,7 +323,10 @@ class Engine:
     def _decode(self, reqs: list[EngineRequest]) -> None:
         prev = self._inflight
         tokens = self._next_tokens(reqs, prev)
-        slots = torch.tensor([r.slot for r in reqs], device=self.device)
+        key = tuple(r.slot for r in reqs)
+        if key != self._slots[0]:  # the batch changed: copy its slots over once
+            self._slots = (key, to_device(key, self.device, torch.long))
+        slots = self._slots[1]
         if self.graphs is not None:
             logits = self.graphs.step(tokens, slots)
         else:
@@ -347,12 +351,12 @@ class Engine:
     def _next_tokens(self, reqs: list[EngineRequest], prev: _Inflight | None) -> torch.Tensor:
         """(b,) tokens to feed: from the in-flight step on the device, else the host's last token."""
         if prev is None:
-            return torch.tensor([r.last_token for r in reqs], device=self.device)
+            return to_device([r.last_token for r in reqs], self.device, torch.long)
         if len(prev.reqs) == len(reqs) and all(a is b for a, b in zip(prev.reqs, reqs)):
             return prev.tokens
         pos = {id(r): i for i, r in enumerate(prev.reqs)}
-        idx = torch.tensor([pos.get(id(r), -1) for r in reqs], device=self.device)
-        host = torch.tensor([0 if id(r) in pos else r.last_token for r in reqs], device=self.device)
+        idx = to_device([pos.get(id(r), -1) for r in reqs], self.device, torch.long)
+        host = to_device([0 if id(r) in pos else r.last_token for r in reqs], self.device, torch.long)
         return torch.where(idx >= 0, prev.tokens[idx.clamp(min=0)], host)
 
     def _launch_copy(self, reqs: list[EngineRequest], tokens: torch.Tensor) -> _Inflight:

@@ -127,3 +127,21 @@ def test_sequence_decoder_finishes_on_stop_string_eos_and_length(tokenizer_facto
     d = SequenceDecoder(tok, SamplingParams(max_tokens=5, ignore_eos=True), eos_ids=(tok.eos_token_id,))
     d.accept(tok.eos_token_id)
     assert not d.finished
+
+
+def test_to_device_builds_the_tensor_torch_tensor_would():
+    """The engine's host-to-device helper gives the same values and dtypes as torch.tensor, and
+    passes a tensor already on the target device through."""
+    from model.generate import to_device
+
+    t = to_device([3, 1, 2], "cpu", torch.long)
+    assert t.dtype == torch.long and t.tolist() == [3, 1, 2] and t.device.type == "cpu"
+    f = to_device((0.5, 0.0), torch.device("cpu"), torch.float32)
+    assert f.dtype == torch.float32 and f.tolist() == [0.5, 0.0]
+    x = torch.arange(4)
+    assert torch.equal(to_device(x, "cpu"), x)
+    if torch.cuda.is_available():
+        g = to_device([7, 8], "cuda", torch.long)
+        assert g.is_cuda and g.tolist() == [7, 8]
+        assert to_device(g, "cuda") is g
+

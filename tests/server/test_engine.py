@@ -177,3 +177,52 @@ def test_engine_on_gpu_answers_through_graphs_like_on_cpu():
         assert eng.prefill_graphs.replays > 0 and eng.encoder_graphs.replays > 0
     finally:
         eng.shutdown()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engine_queues_decode_steps_without_waiting_for_the_device():
+    """A decode step queues its work while the one before still runs: from picking the tokens
+    to feed to launching the copy of the sampled ones, nothing waits for the device (CUDA's
+    sync debug mode turns such a wait into an error, which fails the batch). Checked with greedy,
+    sampled and seeded rows while the batch shrinks; only reading the previous step's tokens
+    (``_consume``) may wait, and the engine waits there only for the step before the last."""
+    from model.checkpoint_vlm import load_vlmamba
+    from model.demo import DEMO_CHECKPOINT
+    from model.sampling import SamplingParams
+
+    model, proc = load_vlmamba(DEMO_CHECKPOINT, device="cuda")
+    eng = Engine(model, proc, EngineConfig(max_num_seqs=8, max_prefill_seqs=8))
+    decode, consume, strict_steps = eng._decode, eng._consume, []
+
+    def strict_decode(reqs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            decode(reqs)
+            strict_steps.append(len(reqs))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    def lenient_consume(inf):
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            consume(inf)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+
+    eng._decode, eng._consume = strict_decode, lenient_consume
+    eng.start()
+    try:
+        s = make_sample("test", 0)
+        cols = [Collector() for _ in range(6)]
+        for i, col in enumerate(cols):
+            req = make_request(proc, f"s{i}", [user(s.qas[0].question)], [s.image()], col)
+            req.params = SamplingParams(max_tokens=6 + 4 * i, temperature=0.0 if i % 3 == 0 else 0.8, top_p=0.9,
+                                        seed=i if i % 3 == 2 else None, ignore_eos=True)
+            eng.add_request(req)
+        _wait(cols)
+        assert [c.final.finish_reason for c in cols] == ["length"] * 6
+        assert [c.final.completion_tokens for c in cols] == [6 + 4 * i for i in range(6)]
+        assert len(strict_steps) >= 25 and max(strict_steps) == 6 and min(strict_steps) == 1
+    finally:
+        eng.shutdown()
