@@ -43,10 +43,16 @@ class InferenceState:
         return self.conv[i], self.ssm[i]
 
     def reset(self, slots: torch.Tensor | list[int]) -> None:
-        """Zero the given slots so the next prefill starts a fresh sequence."""
-        slots = torch.as_tensor(slots, device=self.conv.device, dtype=torch.long)
-        self.conv[:, slots] = 0
-        self.ssm[:, slots] = 0
+        """Zero the given slots so the next prefill starts a fresh sequence. Slots given as ints
+        are zeroed one by one, so no index list is copied to the device (on a GPU that copy
+        would wait for every queued kernel, such as a decode step in flight)."""
+        if isinstance(slots, torch.Tensor):
+            self.conv[:, slots] = 0
+            self.ssm[:, slots] = 0
+            return
+        for slot in slots:
+            self.conv[:, int(slot)].zero_()
+            self.ssm[:, int(slot)].zero_()
 
     def read(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A detached copy of one slot: ((n_layer, d, w - 1), (n_layer, d, n))."""

@@ -168,3 +168,17 @@ def test_bf16_state_storage_tracks_the_fp32_state():
     print("bf16 state: max |decode - fp32 prefill| =", err, "scale", ref.abs().max().item())
     assert state.ssm.dtype == torch.bfloat16 and state.ssm.abs().sum() > 0
     assert err <= 2e-2 * ref.abs().max().item()
+
+
+def test_state_reset_zeroes_only_the_given_slots():
+    """reset takes slot ints (zeroed one by one, no index copy to the device) or an index
+    tensor; either way only those slots are zeroed."""
+    from model.state import InferenceState
+
+    for as_tensor in (False, True):
+        st = InferenceState.allocate(5, 2, 8, 4, 3)
+        st.conv.fill_(1.0)
+        st.ssm.fill_(2.0)
+        st.reset(torch.tensor([1, 3]) if as_tensor else [1, 3])
+        assert st.conv[:, [1, 3]].abs().sum() == 0 and st.ssm[:, [1, 3]].abs().sum() == 0
+        assert bool((st.conv[:, [0, 2, 4]] == 1).all()) and bool((st.ssm[:, [0, 2, 4]] == 2).all())
