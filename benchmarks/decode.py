@@ -32,8 +32,10 @@ max_length changes). Definitions, the same for every system:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import os
 import shlex
 import threading
 from pathlib import Path
@@ -188,40 +190,54 @@ def bench_ours(args, cfg, device, dtype) -> tuple[list[dict], object]:
     return rows, model
 
 
-def pdl_ab(model, device, batches, rounds: int = 2, steps: int = 300) -> list[dict]:
-    """ms per decode step at each batch with programmatic dependent launch off and on (the
-    kernels read ``VLMAMBA_PDL`` when a graph is captured), alternating ``rounds`` times; the
-    best of the rounds per setting."""
-    import os
-
-    from model.graphs import capture_graphs
-
+@contextlib.contextmanager
+def pdl_setting(on: bool):
+    """VLMAMBA_PDL set for the block (the kernels read it when launched or captured), then
+    restored to what it was."""
     before = os.environ.get("VLMAMBA_PDL")
-    rows = []
+    os.environ["VLMAMBA_PDL"] = "1" if on else "0"
     try:
-        for b in batches:
-            state = model.allocate_state(b)
-            slots, tok = torch.arange(b, device=device), torch.zeros(b, dtype=torch.long, device=device)
-            best = {}
-            for _ in range(rounds):
-                for setting in ("0", "1"):
-                    os.environ["VLMAMBA_PDL"] = setting
-                    with torch.inference_mode():
-                        step = lambda: model.step(tok, state=state, slots=slots)
-                        if torch.device(device).type == "cuda":
-                            graph, _ = capture_graphs(device, [b], lambda _: step())[b]
-                            step = graph.replay
-                        step()
-                        t, _ = timed(lambda: [step() for _ in range(steps)], device)
-                    best[setting] = min(best.get(setting, float("inf")), t / steps * 1e3)
-            rows += [{"system": "ours", "pdl_ab_batch": b, "pdl": setting == "1", "step_ms": ms}
-                     for setting, ms in best.items()]
-            print(rows[-2:], flush=True)
+        yield
     finally:
         if before is None:
             os.environ.pop("VLMAMBA_PDL", None)
         else:
             os.environ["VLMAMBA_PDL"] = before
+
+
+def replayable(fn, device):
+    """``fn``, or on a GPU the replay of a CUDA graph captured from it (run under inference mode)."""
+    from model.graphs import capture_graphs
+
+    if torch.device(device).type != "cuda":
+        return fn
+    graph, _ = capture_graphs(device, [0], lambda _: fn())[0]
+    return graph.replay
+
+
+def _decode_inputs(model, device, b):
+    """A state pool of ``b`` slots, their indices and ``b`` token ids for one decode step."""
+    return (model.allocate_state(b), torch.arange(b, device=device),
+            torch.zeros(b, dtype=torch.long, device=device))
+
+
+def pdl_ab(model, device, batches, rounds: int = 2, steps: int = 300) -> list[dict]:
+    """ms per decode step at each batch with programmatic dependent launch off and on (the
+    kernels read ``VLMAMBA_PDL`` when a graph is captured), alternating ``rounds`` times; the
+    best of the rounds per setting."""
+    rows = []
+    for b in batches:
+        state, slots, tok = _decode_inputs(model, device, b)
+        best = {}
+        for _ in range(rounds):
+            for on in (False, True):
+                with pdl_setting(on), torch.inference_mode():
+                    step = replayable(lambda: model.step(tok, state=state, slots=slots), device)
+                    step()
+                    t, _ = timed(lambda: [step() for _ in range(steps)], device)
+                best[on] = min(best.get(on, float("inf")), t / steps * 1e3)
+        rows += [{"system": "ours", "pdl_ab_batch": b, "pdl": on, "step_ms": ms} for on, ms in best.items()]
+        print(rows[-2:], flush=True)
     return rows
 
 
@@ -237,8 +253,6 @@ def scan_ab(model, device, shapes, rounds: int = 2, repeats: int = 10) -> list[d
     captured afresh, alternating ``rounds`` times; the best of the rounds per setting."""
     import kernels.triton.selective_scan as scan
 
-    from model.graphs import capture_graphs
-
     own = scan._config
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -251,10 +265,7 @@ def scan_ab(model, device, shapes, rounds: int = 2, repeats: int = 10) -> list[d
                 for name, loop in {"auto": None, **SCAN_LOOPS}.items():
                     scan._config = own if loop is None else (lambda *_, loop=loop: loop)
                     with torch.inference_mode():
-                        fn = lambda: model(ids, state=state, slots=slots, last_only=True)
-                        if torch.device(device).type == "cuda":
-                            graph, _ = capture_graphs(device, [0], lambda _: fn())[0]
-                            fn = graph.replay
+                        fn = replayable(lambda: model(ids, state=state, slots=slots, last_only=True), device)
                         fn()
                         t, _ = timed(lambda: [fn() for _ in range(repeats)], device)
                     best[name] = min(best.get(name, float("inf")), t / repeats * 1e3)
@@ -274,53 +285,37 @@ def timeline(model, device, batches) -> list[dict]:
     gaps between consecutive ones, and count and mean µs per name. With it on, a kernel starts
     early and waits for the one before, so its recorded time includes that wait; the per-name
     times mean what each kernel costs only with it off."""
-    import os
-
     from torch.profiler import ProfilerActivity, profile
-
-    from model.graphs import capture_graphs
 
     cuda = torch.device(device).type == "cuda"
     kind = "CUDA" if cuda else "CPU"
-    before = os.environ.get("VLMAMBA_PDL")
     rows = []
-    try:
-        for b in batches:
-            state = model.allocate_state(b)
-            slots, tok = torch.arange(b, device=device), torch.zeros(b, dtype=torch.long, device=device)
-            for setting in ("0", "1"):
-                os.environ["VLMAMBA_PDL"] = setting
-                with torch.inference_mode():
-                    step = lambda: model.step(tok, state=state, slots=slots)
-                    if cuda:
-                        graph, _ = capture_graphs(device, [b], lambda _: step())[b]
-                        step = graph.replay
-                    for _ in range(3):
-                        step()
+    for b in batches:
+        state, slots, tok = _decode_inputs(model, device, b)
+        for on in (False, True):
+            with pdl_setting(on), torch.inference_mode():
+                step = replayable(lambda: model.step(tok, state=state, slots=slots), device)
+                for _ in range(3):
+                    step()
+                sync(device)
+                with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+                    step()
                     sync(device)
-                    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-                        step()
-                        sync(device)
-                events = sorted((e for e in prof.events() if e.device_type.name == kind and
-                                 (cuda or e.cpu_parent is None)), key=lambda e: e.time_range.start)
-                spans = [(e.time_range.start, e.time_range.end) for e in events]
-                ends = [end for _, end in spans]
-                gaps = sum(max(0, start - max(ends[: i + 1])) for i, (start, _) in enumerate(spans[1:]))
-                per = {}
-                for e in events:
-                    n, total = per.get(e.name, (0, 0.0))
-                    per[e.name] = (n + 1, total + e.time_range.end - e.time_range.start)
-                rows.append({"system": "ours", "timeline_batch": b, "pdl": setting == "1", "device_kind": kind,
-                             "kernels": len(events), "span_us": max(ends) - spans[0][0] if spans else 0.0,
-                             "gaps_us": gaps,
-                             "per_name": {k: {"count": n, "mean_us": t / n}
-                                          for k, (n, t) in sorted(per.items(), key=lambda kv: -kv[1][1])}})
-                print({k: v for k, v in rows[-1].items() if k != "per_name"}, flush=True)
-    finally:
-        if before is None:
-            os.environ.pop("VLMAMBA_PDL", None)
-        else:
-            os.environ["VLMAMBA_PDL"] = before
+            events = sorted((e for e in prof.events() if e.device_type.name == kind and
+                             (cuda or e.cpu_parent is None)), key=lambda e: e.time_range.start)
+            gaps, end, per = 0.0, None, {}
+            for e in events:  # idle time: starts past the latest end so far
+                if end is not None:
+                    gaps += max(0, e.time_range.start - end)
+                end = e.time_range.end if end is None else max(end, e.time_range.end)
+                n, total = per.get(e.name, (0, 0.0))
+                per[e.name] = (n + 1, total + e.time_range.end - e.time_range.start)
+            rows.append({"system": "ours", "timeline_batch": b, "pdl": on, "device_kind": kind,
+                         "kernels": len(events), "span_us": end - events[0].time_range.start if events else 0.0,
+                         "gaps_us": gaps,
+                         "per_name": {k: {"count": n, "mean_us": t / n}
+                                      for k, (n, t) in sorted(per.items(), key=lambda kv: -kv[1][1])}})
+            print({k: v for k, v in rows[-1].items() if k != "per_name"}, flush=True)
     return rows
 
 
