@@ -16,8 +16,10 @@ max_length changes). Definitions, the same for every system:
   launched eagerly and on the engine's path, which shows what the prefill graphs save where the
   host's launches, not the GPU, bound a prefill;
 - programmatic dependent launch (``--pdl-ab``, ours only): one decode step replayed from a CUDA
-  graph (eagerly on a CPU) with the decode kernels launched plainly (``VLMAMBA_PDL=0``) and with
-  programmatic dependent launch, captured and timed alternately in this process;
+  graph (eagerly on a CPU) with the decode kernels launched plainly (``VLMAMBA_PDL=0``), with
+  programmatic dependent launch but without the prefetch of the next weights ahead
+  (``kernels.triton._pdl.PREFETCH_AHEAD``), and with both, captured and timed alternately in
+  this process;
 - prefill scan loops (``--scan-ab``, ours only): one prefill of each batch x prompt shape
   through the whole LM, replayed from a CUDA graph, with the scan kernel's own choice and with
   each of its loops forced (:data:`SCAN_LOOPS`), captured and timed alternately;
@@ -191,14 +193,18 @@ def bench_ours(args, cfg, device, dtype) -> tuple[list[dict], object]:
 
 
 @contextlib.contextmanager
-def pdl_setting(on: bool):
-    """VLMAMBA_PDL set for the block (the kernels read it when launched or captured), then
-    restored to what it was."""
-    before = os.environ.get("VLMAMBA_PDL")
+def pdl_setting(on: bool, ahead: bool = True):
+    """VLMAMBA_PDL and the prefetch ahead (``kernels.triton._pdl.PREFETCH_AHEAD``) set for the
+    block (the kernels read both when launched or captured), then restored to what they were."""
+    import kernels.triton._pdl as pdl_module
+
+    before, ahead_before = os.environ.get("VLMAMBA_PDL"), pdl_module.PREFETCH_AHEAD
     os.environ["VLMAMBA_PDL"] = "1" if on else "0"
+    pdl_module.PREFETCH_AHEAD = ahead
     try:
         yield
     finally:
+        pdl_module.PREFETCH_AHEAD = ahead_before
         if before is None:
             os.environ.pop("VLMAMBA_PDL", None)
         else:
@@ -221,23 +227,28 @@ def _decode_inputs(model, device, b):
             torch.zeros(b, dtype=torch.long, device=device))
 
 
+PDL_SETTINGS = ((False, False), (True, False), (True, True))  # (PDL, prefetch ahead)
+
+
 def pdl_ab(model, device, batches, rounds: int = 2, steps: int = 300) -> list[dict]:
-    """ms per decode step at each batch with programmatic dependent launch off and on (the
-    kernels read ``VLMAMBA_PDL`` when a graph is captured), alternating ``rounds`` times; the
-    best of the rounds per setting."""
+    """ms per decode step at each batch with the decode kernels launched plainly, with
+    programmatic dependent launch, and with it and the prefetch ahead (:data:`PDL_SETTINGS`; the
+    kernels read them when a graph is captured), alternating ``rounds`` times; the best of the
+    rounds per setting."""
     rows = []
     for b in batches:
         state, slots, tok = _decode_inputs(model, device, b)
         best = {}
         for _ in range(rounds):
-            for on in (False, True):
-                with pdl_setting(on), torch.inference_mode():
+            for on, ahead in PDL_SETTINGS:
+                with pdl_setting(on, ahead), torch.inference_mode():
                     step = replayable(lambda: model.step(tok, state=state, slots=slots), device)
                     step()
                     t, _ = timed(lambda: [step() for _ in range(steps)], device)
-                best[on] = min(best.get(on, float("inf")), t / steps * 1e3)
-        rows += [{"system": "ours", "pdl_ab_batch": b, "pdl": on, "step_ms": ms} for on, ms in best.items()]
-        print(rows[-2:], flush=True)
+                best[on, ahead] = min(best.get((on, ahead), float("inf")), t / steps * 1e3)
+        rows += [{"system": "ours", "pdl_ab_batch": b, "pdl": on, "ahead": ahead, "step_ms": ms}
+                 for (on, ahead), ms in best.items()]
+        print(rows[-len(PDL_SETTINGS):], flush=True)
     return rows
 
 
@@ -487,14 +498,15 @@ def report(result: dict, batches: list[int]) -> str:
                  markdown_table(["system", "batch x prompt", "eager ms", "engine ms", "from a graph"],
                                 [[r["system"], f"{r['prefill_shape'][0]} x {r['prefill_shape'][1]}", r["eager_ms"],
                                   r["engine_ms"], "yes" if r["graph"] else "no"] for r in shapes])]
-    ab = {(r["pdl_ab_batch"], r["pdl"]): r["step_ms"] for r in result["rows"] if "pdl_ab_batch" in r}
+    ab = {(r["pdl_ab_batch"], r["pdl"], r["ahead"]): r["step_ms"] for r in result["rows"] if "pdl_ab_batch" in r}
     if ab:
-        text += ["", "One decode step of ours replayed from a CUDA graph, the decode kernels launched plainly "
-                     "and with programmatic dependent launch (`--pdl-ab`, alternating in one process, best of the "
-                     "rounds):", "",
-                 markdown_table(["batch", "plain ms", "PDL ms", "PDL gain"],
-                                [[b, f"{ab[b, False]:.3f}", f"{ab[b, True]:.3f}", f"{ab[b, False] / ab[b, True] - 1:+.1%}"]
-                                 for b in sorted({b for b, _ in ab})])]
+        text += ["", "One decode step of ours replayed from a CUDA graph, the decode kernels launched plainly, "
+                     "with programmatic dependent launch (PDL), and with PDL and the prefetch of the next weights "
+                     "ahead (`--pdl-ab`, alternating in one process, best of the rounds):", "",
+                 markdown_table(["batch", "plain ms", "PDL ms", "PDL + ahead ms", "gain over plain"],
+                                [[b] + [f"{ab[(b, *s)]:.3f}" for s in PDL_SETTINGS] +
+                                 [f"{ab[b, False, False] / ab[b, True, True] - 1:+.1%}"]
+                                 for b in sorted({k[0] for k in ab})])]
     scans = [r for r in result["rows"] if "scan_ab_shape" in r]
     if scans:
         names = list(dict.fromkeys(r["scan"] for r in scans))

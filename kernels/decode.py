@@ -25,9 +25,12 @@ from kernels.linear import MAX_ROWS, linear_accumulate_ref
 from kernels.selective_scan import _triton_ops
 
 
-def mixer_in_ref(normed, in_weight, conv_state, conv_weight, conv_bias, state_indices, x_proj_weight, x_proj_out):
+def mixer_in_ref(normed, in_weight, conv_state, conv_weight, conv_bias, state_indices, x_proj_weight, x_proj_out,
+                 prefetch=None):
     """Returns ``(x, z)``: x (b, d) after conv and SiLU, z (b, d), in normed's dtype. Updates the
-    ``conv_state`` rows and adds x's projection into ``x_proj_out`` in place."""
+    ``conv_state`` rows and adds x's projection into ``x_proj_out`` in place. ``prefetch`` (a
+    contiguous tensor, e.g. the start of out_proj's weight) is a hint for the fast kernel, whose
+    z programs ask L2 to fetch it once their rows are done; it changes no result."""
     x, z = F.linear(normed, in_weight).chunk(2, dim=-1)
     x = causal_conv1d_update_ref(x, conv_state, conv_weight, conv_bias, "silu", state_indices)
     linear_accumulate_ref(x, x_proj_weight, x_proj_out)
@@ -46,7 +49,7 @@ def mixer_in_fusable(rows: int, d_inner: int, device, backend: str = "auto", gra
 
 
 def mixer_in(normed, in_weight, conv_state, conv_weight, conv_bias, state_indices, x_proj_weight, x_proj_out,
-             backend: str = "auto"):
+             prefetch=None, backend: str = "auto"):
     """Same contract as :func:`mixer_in_ref`; there is no peer kernel, so ``cuda`` runs the reference."""
     args = (normed, in_weight, conv_state, conv_weight, conv_bias, state_indices, x_proj_weight, x_proj_out)
     if backend != "cuda":
@@ -54,5 +57,5 @@ def mixer_in(normed, in_weight, conv_state, conv_weight, conv_bias, state_indice
         if chosen == "triton":
             from kernels.triton import mixer_in_triton
 
-            return mixer_in_triton(*args)
-    return mixer_in_ref(*args)
+            return mixer_in_triton(*args, prefetch=prefetch)
+    return mixer_in_ref(*args, prefetch)

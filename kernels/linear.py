@@ -21,8 +21,10 @@ def small_linear_ref(x, weight, bias=None):
     return F.linear(x, weight, bias)
 
 
-def linear_accumulate_ref(x, weight, out):
-    """out (m, n) float32 += x @ weight^T (x: (m, k), weight: (n, k)); returns out."""
+def linear_accumulate_ref(x, weight, out, prefetch=None):
+    """out (m, n) float32 += x @ weight^T (x: (m, k), weight: (n, k)); returns out. ``prefetch``
+    (any contiguous tensor, e.g. the next kernel's weights) is a hint for the fast kernel, which
+    asks L2 to fetch it as its own weight stream ends; it changes no result."""
     return out.add_(F.linear(x, weight).float())
 
 
@@ -34,15 +36,15 @@ def _triton_runs(op: str, x, backend: str, grad: bool) -> bool:
     return resolve_backend(backend, op, x.device, None, _triton_ops(), grad) == "triton"
 
 
-def linear_accumulate(x, weight, out, backend: str = "auto"):
+def linear_accumulate(x, weight, out, prefetch=None, backend: str = "auto"):
     """``out += x @ W^T`` into a float32 buffer, for few rows; same contract as
     :func:`linear_accumulate_ref`. The Triton kernel splits the reduction axis across programs
     (atomic adds), which keeps narrow projections (the decode step's out_proj) at bandwidth."""
     if _triton_runs("linear_accumulate", x, backend, needs_grad(x, weight)):
         from kernels.triton import linear_accumulate_triton
 
-        return linear_accumulate_triton(x, weight, out)
-    return linear_accumulate_ref(x, weight, out)
+        return linear_accumulate_triton(x, weight, out, prefetch=prefetch)
+    return linear_accumulate_ref(x, weight, out, prefetch)
 
 
 def small_linear(x, weight, bias=None, backend: str = "auto"):

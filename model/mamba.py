@@ -107,18 +107,27 @@ class MambaMixer(nn.Module):
         return self.out_proj(y)
 
     def step_fused(self, normed, state: InferenceState, slots: torch.Tensor, out: torch.Tensor,
-                   xproj: torch.Tensor) -> torch.Tensor:
+                   xproj: torch.Tensor, ahead: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step for a few rows in three kernels: in_proj + conv + x_proj
         (:func:`kernels.mixer_in`), the state update with dt_proj fused, and out_proj adding into
-        ``out`` (b, D) float32. ``out`` and ``xproj`` (b, r + 2n) float32 arrive zeroed."""
+        ``out`` (b, D) float32. ``out`` and ``xproj`` (b, r + 2n) float32 arrive zeroed. ``ahead``:
+        the first rows of the next weight read (the next layer's in_proj, or the LM head), which
+        out_proj's kernel asks L2 to fetch as it ends; in_proj's kernel does the same for the
+        first eighth of out_proj (hints only; kernels/triton/_pdl.py)."""
         conv_pool, ssm_pool = state.layer(self.layer_idx)
         x, z = mixer_in(normed, self.in_proj.weight, conv_pool, self.conv1d.weight[:, 0, :], self.conv1d.bias, slots,
-                        self.x_proj.weight, xproj, backend=self.backend)
+                        self.x_proj.weight, xproj, prefetch=_head(self.out_proj.weight), backend=self.backend)
         dt_low, B, C = xproj.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         y = selective_state_update(ssm_pool, x, dt_low, self.A_log, B, C, self.D, z, self.dt_proj.bias, True,
                                    state_indices=slots, dt_proj_weight=self.dt_proj.weight, A_is_log=True,
                                    backend=self.backend)
-        return linear_accumulate(y, self.out_proj.weight, out, backend=self.backend)
+        return linear_accumulate(y, self.out_proj.weight, out, prefetch=ahead, backend=self.backend)
+
+
+def _head(weight: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """The first rows of ``weight``: an eighth of ``like``'s (by default its own), the part of the
+    next weight read that the decode kernels prefetch into L2 ahead (measured best of 1/16-1/2)."""
+    return weight[: max(1, (like if like is not None else weight).shape[0] // 8)]
 
 
 class Block(nn.Module):
@@ -215,10 +224,13 @@ class MambaLM(nn.Module):
             c = self.config
             r = self.backbone.layers[0].mixer.x_proj.out_features  # dt_rank + 2 d_state
             scratch = hidden.new_zeros(c.n_layer, hidden.shape[0], c.d_model + r, dtype=torch.float32)  # one memset
-            for i, layer in enumerate(self.backbone.layers):
+            layers = self.backbone.layers
+            reads = [layer.mixer.in_proj.weight for layer in layers[1:]] + [self.lm_head.weight]
+            ahead = [_head(w, layers[0].mixer.in_proj.weight) for w in reads]  # same bytes from each
+            for i, layer in enumerate(layers):
                 normed, residual = layer._pre(hidden, residual)
                 hidden = layer.mixer.step_fused(normed, state, slots, scratch[i, :, : c.d_model],
-                                                scratch[i, :, c.d_model:])
+                                                scratch[i, :, c.d_model:], ahead[i])
         else:
             for layer in self.backbone.layers:
                 hidden, residual = layer.step(hidden, residual, state, slots)

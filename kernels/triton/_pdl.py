@@ -15,9 +15,16 @@ Nothing is read or written before the wait but the prefetches, and every kernel 
 it completes, so when a kernel passes its wait every kernel before it has completed. Kernels
 launched without the attribute (torch's) serialise as usual. CUDA graphs keep the
 dependencies as programmatic edges, so the captured decode step overlaps the same way.
-Measured slower on an H100 (docs/performance.md): larger prefetches, and letting the short
+
+Two kernels also prefetch ahead, after their wait (``prefetch_span``: bulk prefetches,
+``cp.async.bulk.prefetch.L2``): out_proj's programs, as their weight stream ends, ask for the
+first eighth of the next layer's in_proj (or of the LM head), which then lands while
+add + RMSNorm runs; ``mixer_in``'s z programs, once their rows are done, ask for the first
+eighth of out_proj. Measured slower on an H100 (docs/performance.md): larger prefetches
+(before the wait, or ahead), prefetching out_proj from the state update, and letting the short
 kernels between the projections signal before their own wait, so that the next projection
-prefetches while the previous one still streams; the prefetches then compete with its loads.
+prefetches while the previous one still streams; the prefetches then compete with the loads
+that the short kernels wait on. ``PREFETCH_AHEAD = False`` turns the prefetch ahead off.
 
 ``VLMAMBA_PDL=0`` turns it off (the kernels then launch and run as plain kernels).
 """
@@ -33,6 +40,9 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels.triton._math import fast_math
+
+
+PREFETCH_AHEAD = True  # read at launch: out_proj and mixer_in prefetch the next kernel's weights
 
 
 @functools.cache
@@ -71,6 +81,31 @@ def prefetch_rows(base, rows, row_stride, col0, ncols, COLS: tl.constexpr):
     LINES: tl.constexpr = COLS // PER_LINE
     cols = tl.minimum(col0 + tl.arange(0, LINES) * PER_LINE, ncols - 1)
     prefetch_l2(base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :])
+
+
+@triton.jit
+def prefetch_span(base, start, total, NEXT: tl.constexpr, PIECE: tl.constexpr = 16384):
+    """Ask L2 to fetch bytes [start, start + NEXT) of ``base`` (clamped to ``total`` bytes) with
+    one bulk prefetch (``cp.async.bulk.prefetch.L2``) per ``PIECE`` bytes, issued by the first
+    threads of the program. ``start``, ``NEXT`` and the address of ``base`` are multiples of 16."""
+    n = tl.maximum(tl.minimum(total - start, NEXT), 0).to(tl.int32)
+    p = base.to(tl.pointer_type(tl.int8)) + start
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .u32 t, o, r; .reg .u64 a;\n"
+        "mov.u32 t, %tid.x; mul.lo.u32 o, t, $3; setp.lt.u32 p, o, $2;\n"
+        "sub.u32 r, $2, o; min.u32 r, r, $3; cvt.u64.u32 a, o; add.u64 a, a, $1;\n"
+        "@p cp.async.bulk.prefetch.L2.global [a], r;\nmov.u32 $0, 0; }",
+        "=r,l,r,r", [p, n, PIECE], dtype=tl.int32, is_pure=False, pack=1)
+
+
+def next_args(device: torch.device, nxt: torch.Tensor | None, programs: int, dummy: torch.Tensor) -> tuple:
+    """``(nxt, nxt_bytes, NEXT)`` for a kernel that prefetches ``nxt`` (the next kernel's weights,
+    contiguous) into L2 after its wait, split evenly over ``programs`` programs: NEXT bytes per
+    program, 0 (and ``dummy`` for the pointer) where programmatic dependent launch is off."""
+    if nxt is None or not PREFETCH_AHEAD or not pdl(device) or not nxt.is_contiguous() or nxt.data_ptr() % 16:
+        return dummy, 0, 0
+    total = nxt.numel() * nxt.element_size()
+    return nxt, total, triton.cdiv(triton.cdiv(total, programs), 16) * 16
 
 
 def pdl_args(device: torch.device, weight: torch.Tensor | None = None, prefetch: int = 0) -> dict:

@@ -14,18 +14,18 @@ import triton
 import triton.language as tl
 
 from kernels.triton._math import silu
-from kernels.triton._pdl import enter, pdl_args, prefetch_rows
+from kernels.triton._pdl import enter, next_args, pdl_args, prefetch_rows, prefetch_span
 
 # Elements of each in_proj row prefetched into L2 while the previous kernel finishes (0: none).
 PREFETCH_K = 256
 
 
 @triton.jit
-def _mixer_in_kernel(a_in, w_in, cpool, cw, cb, idx, w_x, x_out, z_out, xp, m, D, d, R,
+def _mixer_in_kernel(a_in, w_in, cpool, cw, cb, idx, w_x, x_out, z_out, xp, nxt, nxt_bytes, m, D, d, R,
                      s_a, s_win, s_cp, s_cd, s_cs, s_cw, s_wx, s_xo, s_zo, s_xp,
                      HAS_CB: tl.constexpr, W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STAGES: tl.constexpr,
-                     PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                     PDL: tl.constexpr, PREFETCH: tl.constexpr, NEXT: tl.constexpr):
     pid = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
@@ -45,6 +45,8 @@ def _mixer_in_kernel(a_in, w_in, cpool, cw, cb, idx, w_x, x_out, z_out, xp, m, D
     y = acc.to(dt)  # in_proj's output rounding
     if pid * BLOCK_N >= d:
         tl.store(z_out + rm[:, None] * s_zo + (rn - d)[None, :], y, mask=mm[:, None])
+        if NEXT > 0:  # the z programs are done: the next kernels' weights, during the x programs' epilogue
+            prefetch_span(nxt, (pid - d // BLOCK_N).to(tl.int64) * NEXT, nxt_bytes, NEXT)
     else:
         # Conv update on these channels: window = [state (w - 1 inputs, oldest first), x].
         slot = tl.load(idx + rm, mask=mm, other=0).to(tl.int64)
@@ -69,7 +71,7 @@ def _mixer_in_kernel(a_in, w_in, cpool, cw, cb, idx, w_x, x_out, z_out, xp, m, D
 
 
 def mixer_in_triton(normed, in_weight, conv_state, conv_weight, conv_bias, state_indices, x_proj_weight, x_proj_out,
-                    config=None):
+                    config=None, prefetch=None):
     """normed: (b, D) with b <= 16 and a unit last stride; in_weight (2d, D), x_proj_weight (R, d)
     with unit last strides; d a multiple of 16; conv_state (p, d, w - 1); x_proj_out (b, R) float32.
     ``config``: (BLOCK_N, BLOCK_K, stages, warps) instead of the default."""
@@ -89,12 +91,13 @@ def mixer_in_triton(normed, in_weight, conv_state, conv_weight, conv_bias, state
     if d % block_n:
         block_n = 16
     assert d % block_n == 0
+    nxt, nxt_bytes, next_bytes = next_args(normed.device, prefetch, d // block_n, normed)
     _mixer_in_kernel[(2 * d // block_n,)](
         normed, in_weight, conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight,
-        state_indices, x_proj_weight, x, z, x_proj_out, b, D, d, R,
+        state_indices, x_proj_weight, x, z, x_proj_out, nxt, nxt_bytes, b, D, d, R,
         normed.stride(0), in_weight.stride(0), *conv_state.stride(), conv_weight.stride(0), x_proj_weight.stride(0),
         x.stride(0), z.stride(0), x_proj_out.stride(0),
         HAS_CB=conv_bias is not None, W=w, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(D)),
         BLOCK_R=max(16, triton.next_power_of_2(R)), STAGES=stages, num_warps=warps,
-        **pdl_args(normed.device, in_weight, PREFETCH_K))
+        NEXT=next_bytes, **pdl_args(normed.device, in_weight, PREFETCH_K))
     return x, z

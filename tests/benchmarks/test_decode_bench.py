@@ -35,17 +35,24 @@ def test_decode_benchmark_times_prefill_batches_beyond_its_decode_batches(tmp_pa
 
 
 def test_decode_benchmark_times_decode_steps_with_and_without_pdl(tmp_path, monkeypatch):
-    """--pdl-ab times a step per batch with VLMAMBA_PDL off and on (on a CPU both launch plainly),
-    writes its table, and leaves the variable as it found it."""
+    """--pdl-ab times a step per batch plainly, with VLMAMBA_PDL on, and with it and the prefetch
+    ahead (on a CPU all launch plainly), writes its table, and leaves both settings as it found
+    them."""
     import os
 
+    import kernels.triton._pdl as P
+
     monkeypatch.setenv("VLMAMBA_PDL", "1")
+    monkeypatch.setattr(P, "PREFETCH_AHEAD", True)
     out = main(["--device", "cpu", "--layers", "1", "--d-model", "32", "--batches", "1", "--prompt", "6",
                 "--new", "2", "--repeats", "1", "--systems", "--doc", "", "--pdl-ab", "1", "3"])
-    rows = {(r["pdl_ab_batch"], r["pdl"]): r["step_ms"] for r in out["rows"] if "pdl_ab_batch" in r}
-    assert sorted(rows) == [(1, False), (1, True), (3, False), (3, True)] and min(rows.values()) > 0
-    assert "| batch | plain ms | PDL ms | PDL gain |" in out["table"] and "\n| 3 | " in out["table"]
-    assert os.environ["VLMAMBA_PDL"] == "1"
+    rows = {(r["pdl_ab_batch"], r["pdl"], r["ahead"]): r["step_ms"] for r in out["rows"] if "pdl_ab_batch" in r}
+    assert sorted(rows) == [(b, on, ahead) for b in (1, 3) for on, ahead in ((False, False), (True, False),
+                                                                              (True, True))]
+    assert min(rows.values()) > 0
+    assert "| batch | plain ms | PDL ms | PDL + ahead ms | gain over plain |" in out["table"]
+    assert "\n| 3 | " in out["table"]
+    assert os.environ["VLMAMBA_PDL"] == "1" and P.PREFETCH_AHEAD
 
 
 def test_decode_benchmark_rejects_a_malformed_prefill_shape(capsys):

@@ -237,19 +237,20 @@ def test_fused_decode_step_equals_unfused():
 
 def test_decode_graph_with_programmatic_dependent_launch_equals_plain_launches(monkeypatch):
     """The decode kernels launched with programmatic dependent launch (each waits for the kernel
-    before it, after prefetching weights) give, replayed from a CUDA graph over many steps, the
-    logits and states of plain launches: a missing wait would read the previous layer's output
-    before it is written (errors of order 1). Atomic adds in another order are the only
-    difference allowed; over 32 steps they reach ~1.5e-3 in the logits and ~2.5e-3 in the
-    states (H100)."""
-    from kernels.triton._pdl import pdl
+    before it, after prefetching weights), with and without the prefetch of the next weights
+    ahead, give, replayed from a CUDA graph over many steps, the logits and states of plain
+    launches: a missing wait would read the previous layer's output before it is written
+    (errors of order 1), and a prefetch past a weight's end would fault. Atomic adds in another
+    order are the only difference allowed; over 32 steps they reach ~1.5e-3 in the logits and
+    ~2.5e-3 in the states (H100)."""
+    import kernels.triton._pdl as P
     from model.config import MambaConfig
     from model.graphs import GraphDecoder
     from model.mamba import MambaLM
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
-    assert pdl(torch.device("cuda"))
+    assert P.pdl(torch.device("cuda"))
     torch.manual_seed(2)
     with torch.device("cuda"):
         lm = MambaLM(MambaConfig(d_model=2560, n_layer=4, vocab_size=50280), dtype=torch.bfloat16).init_weights(2)
@@ -257,15 +258,20 @@ def test_decode_graph_with_programmatic_dependent_launch_equals_plain_launches(m
     slots = torch.tensor([3, 0, 4, 1], device="cuda")
     runs = {}
     with torch.inference_mode():
-        for setting in ("0", "1"):
+        for setting, ahead in (("0", True), ("1", False), ("1", True)):
             monkeypatch.setenv("VLMAMBA_PDL", setting)
+            monkeypatch.setattr(P, "PREFETCH_AHEAD", ahead)
             state = lm.allocate_state(6)
             graphs = GraphDecoder(lm, state, scratch_slot=5, max_batch=4).capture()
             lm(ids[:, :16], state=state, slots=slots, last_only=True)
             logits = torch.stack([graphs.step(ids[:, t], slots) for t in range(16, 48)]).float()
-            runs[setting] = logits, state.ssm[:, slots].clone()  # the scratch row is padding's, racing
-    (plain, s_plain), (pdl_on, s_pdl) = runs["0"], runs["1"]
-    err, s_err = _rel(pdl_on, plain), _rel(s_pdl, s_plain)
-    print(f"decode graph with vs without PDL (32 steps, b=4): logits rel err {err:.2e}, state {s_err:.2e}")
-    assert err < 1e-2 and s_err < 1e-2
-    assert torch.equal(pdl_on.argmax(-1), plain.argmax(-1))
+            torch.cuda.synchronize()
+            runs[setting, ahead] = logits, state.ssm[:, slots].clone()  # the scratch row is padding's, racing
+    plain, s_plain = runs["0", True]
+    for ahead in (False, True):
+        pdl_on, s_pdl = runs["1", ahead]
+        err, s_err = _rel(pdl_on, plain), _rel(s_pdl, s_plain)
+        print(f"decode graph with PDL (ahead {ahead}) vs without (32 steps, b=4): logits rel err {err:.2e}, "
+              f"state {s_err:.2e}")
+        assert err < 1e-2 and s_err < 1e-2
+        assert torch.equal(pdl_on.argmax(-1), plain.argmax(-1))

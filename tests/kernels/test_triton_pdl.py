@@ -1,6 +1,7 @@
 """Programmatic dependent launch of the decode kernels, checked without a GPU: compiled for an
 H100 (sm_90), each kernel prefetches only weights before it waits for the previous kernel, and
-loads nothing before that wait; and the launch is off wherever it cannot run."""
+loads nothing before that wait; the prefetch of the next kernel's weights comes after the wait;
+and the launch is off wherever it cannot run."""
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels.triton._pdl import pdl, pdl_args  # noqa: E402
+import kernels.triton._pdl as P  # noqa: E402
+from kernels.triton._pdl import next_args, pdl, pdl_args  # noqa: E402
 from kernels.triton.decode import _mixer_in_kernel  # noqa: E402
 from kernels.triton.linear import _small_linear_kernel  # noqa: E402
 from kernels.triton.norm import _add_rms_norm_kernel  # noqa: E402
@@ -31,9 +33,12 @@ KERNELS = {
                                     "eps": "fp32"}, dict(HAS_RES=True, BLOCK=4096), 0),
 }
 
-def _ptx(name: str, on: bool) -> str:
+def _ptx(name: str, on: bool, next_bytes: int = 0) -> str:
     fn, pointers, consts, prefetch = KERNELS[name]  # prefetch: elements of each weight row
     consts = consts | {"PDL": on, "PREFETCH": prefetch if on else 0}
+    if "NEXT" in fn.arg_names:
+        consts["NEXT"] = next_bytes if on else 0
+    pointers = pointers | {"nxt": BF16}
     signature = {a: pointers.get(a, "constexpr" if a in consts else "i32") for a in fn.arg_names}
     src = ASTSource(fn, signature=signature, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"launch_pdl": on}).asm["ptx"]
@@ -71,3 +76,30 @@ def test_prefetch_rounds_up_to_whole_lines(monkeypatch):
     assert pdl_args(torch.device("cuda"), w32, 160)["PREFETCH"] == 256  # 5 lines of 32 -> 8
     assert pdl_args(torch.device("cuda"), w16, 0)["PREFETCH"] == 0
     assert pdl_args(torch.device("cuda"))["PREFETCH"] == 0 and pdl_args(torch.device("cuda"))["launch_pdl"]
+
+
+@pytest.mark.parametrize("name", ["mixer_in", "out_proj"])
+def test_prefetch_ahead_is_issued_after_the_wait(name):
+    ptx = _ptx(name, True, next_bytes=40960)
+    wait = ptx.find("griddepcontrol.wait")
+    bulk = [i for i in range(len(ptx)) if ptx.startswith("cp.async.bulk.prefetch.L2.global", i)]
+    assert bulk and 0 <= wait < min(bulk)
+    assert "cp.async.bulk" not in _ptx(name, True) and "cp.async.bulk" not in _ptx(name, False)
+
+
+def test_prefetch_ahead_splits_the_next_weights_evenly_over_the_programs(monkeypatch):
+    cuda, dummy = torch.device("cuda"), torch.empty(1)
+    w = torch.empty(1280, 2560, dtype=torch.bfloat16)  # an eighth of the 2.8B model's in_proj: 6.5 MB
+    monkeypatch.setattr("kernels.triton._pdl.pdl", lambda device: True)
+    nxt, total, per = next_args(cuda, w, 160, dummy)
+    assert nxt is w and total == 1280 * 2560 * 2 and per == total // 160
+    for programs in (7, 320, 1000):  # bulk prefetches need 16-byte multiples; together they cover it all
+        per = next_args(cuda, w, programs, dummy)[2]
+        assert per % 16 == 0 and programs * per >= total > (programs - 1) * per - 16 * programs
+    assert next_args(cuda, None, 160, dummy) == (dummy, 0, 0)
+    assert next_args(cuda, w[:, :100], 160, dummy) == (dummy, 0, 0)  # not one contiguous span
+    monkeypatch.setattr(P, "PREFETCH_AHEAD", False)
+    assert next_args(cuda, w, 160, dummy) == (dummy, 0, 0)
+    monkeypatch.setattr(P, "PREFETCH_AHEAD", True)
+    monkeypatch.setattr("kernels.triton._pdl.pdl", lambda device: False)  # plain launches prefetch nothing
+    assert next_args(cuda, w, 160, dummy) == (dummy, 0, 0)
