@@ -292,8 +292,8 @@ class Engine:
         slots = to_device([r.slot for r in reqs], self.device, torch.long)
         pixels = to_device(torch.stack(images), self.device) if images else None
         logits = self.prefill_logits(to_device(ids, self.device), pixels, slots, lengths)
-        for r in reqs:  # the prompt's end: a resume point even if the reply does not re-tokenize the same
-            self.cache.store(r.scope, r.session_id, r.prompt_key, len(r.prompt_ids), self.state.read(r.slot))
+        # The prompt's end: a resume point even if the reply does not re-tokenize the same.
+        self._cache_states([(r, r.prompt_key, len(r.prompt_ids)) for r in reqs])
         self._emit(reqs, logits)
 
     def prefill_logits(self, ids: torch.Tensor, pixel_values: torch.Tensor | None, slots: torch.Tensor,
@@ -384,8 +384,17 @@ class Engine:
         """Sample one token per request (one host sync), deliver text, finish what is done."""
         self._deliver(list(zip(reqs, pick_tokens(logits, [r.decoder for r in reqs], self._mask).tolist())))
 
+    def _cache_states(self, items: list[tuple[EngineRequest, bytes, int]]) -> None:
+        """Copy the slots' states into the session cache, each under (key, items covered), but
+        only those the cache still holds once the whole batch is stored."""
+        stores = [(r.scope, r.session_id, key, n) for r, key, n in items]
+        for (r, key, n), held in zip(items, self.cache.held_after(stores, self.state.bytes_per_slot)):
+            if held:
+                self.cache.store(r.scope, r.session_id, key, n, self.state.read(r.slot))
+
     def _deliver(self, pairs: list[tuple[EngineRequest, int]]) -> None:
         now = time.monotonic()
+        done = []
         for req, tok in pairs:
             text = req.decoder.accept(tok)
             if req.first_token_time is None:
@@ -396,16 +405,21 @@ class Engine:
             req.last_token_time = now
             req.last_token = tok
             if req.decoder.finished:
-                self._finish(req, text, now)
+                done.append((req, text))
             elif text:
                 req.sink(EngineOutput(req.request_id, text, [tok]))
+        if done:
+            self._cache_states([(req, self._final_key(req), len(req.prompt_ids) + req.fed) for req, _ in done])
+        for req, text in done:
+            self._finish(req, text, now)
+
+    def _final_key(self, req: EngineRequest) -> bytes:
+        """The cache key of what the slot holds at the end: the prompt and the tokens fed so far."""
+        fed = req.decoder.token_ids[: req.fed]
+        return ([req.prompt_key] + prefix_hashes(req.scope, fed, req.prompt_key))[-1]
 
     def _finish(self, req: EngineRequest, text: str, now: float) -> None:
         dec = req.decoder
-        covered = len(req.prompt_ids) + req.fed  # the slot holds the prompt and the tokens fed so far
-        key = ([req.prompt_key] + prefix_hashes(req.scope, dec.token_ids[: req.fed], req.prompt_key))[-1]
-        self.cache.store(req.scope, req.session_id, key, covered,
-                         self.state.read(req.slot))
         out = EngineOutput(req.request_id, text, [dec.token_ids[-1]], True, dec.finish_reason, len(req.prompt_ids),
                            len(dec.token_ids), req.cached_tokens)
         self._release(req)

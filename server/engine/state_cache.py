@@ -5,14 +5,16 @@ digest and offset), salted by the caller's scope, so one API key never sees anot
 A later prompt that starts with a cached prefix resumes from that state. Bounded by bytes,
 evicted least-recently-used; entries with a session id are evicted after all others, and a
 session keeps only its newest two entries (the latest turn's prompt and its end: a conversation
-only ever resumes from its latest turn).
+only ever resumes from its latest turn). When many sequences end at once, the engine asks
+:meth:`StateCache.held_after` which of their states the cache would still hold after storing
+them all, and copies only those out of their slots.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -43,7 +45,7 @@ def prompt_items(prompt_ids: list[int], image_token_id: int, digests: list[str],
 
 @dataclass
 class _Entry:
-    state: tuple[torch.Tensor, torch.Tensor]
+    state: tuple[torch.Tensor, torch.Tensor] | None
     length: int
     scope: str
     session_id: str | None
@@ -71,8 +73,11 @@ class StateCache:
         return None
 
     def store(self, scope: str, session_id: str | None, key: bytes, length: int,
-              state: tuple[torch.Tensor, torch.Tensor]) -> None:
-        nbytes = sum(t.numel() * t.element_size() for t in state)
+              state: tuple[torch.Tensor, torch.Tensor] | None, nbytes: int | None = None) -> None:
+        """Hold ``state`` for prompts that start with the prefix ``key`` of ``length`` items
+        (``state`` None and ``nbytes`` given: the bookkeeping alone, for :meth:`held_after`)."""
+        if nbytes is None:
+            nbytes = sum(t.numel() * t.element_size() for t in state)
         if nbytes > self.max_bytes or length == 0:
             return
         if key in self.entries:
@@ -87,6 +92,17 @@ class StateCache:
             victim = next((k for k, e in self.entries.items() if e.session_id is None), next(iter(self.entries)))
             self._drop(victim)
             self.evictions += 1
+
+    def held_after(self, stores: list[tuple[str, str | None, bytes, int]], nbytes: int) -> list[bool]:
+        """For stores ``(scope, session_id, key, length)`` of ``nbytes`` each, made in this order:
+        whether the cache would still hold each one after all of them (a batch of 256 sequences
+        ending against room for 46 states leaves 46; the rest are evicted by the ones after them)."""
+        sim = StateCache(self.max_bytes, self.per_session)
+        sim.entries = OrderedDict((k, replace(e, state=None)) for k, e in self.entries.items())
+        sim.bytes = self.bytes
+        for scope, session_id, key, length in stores:
+            sim.store(scope, session_id, key, length, None, nbytes)
+        return [key in sim.entries for _, _, key, _ in stores]
 
     def _drop(self, key: bytes) -> None:
         self.bytes -= self.entries.pop(key).nbytes

@@ -127,6 +127,48 @@ def test_bf16_state_storage_answers_the_same(demo):
         eng.shutdown()
 
 
+def _six_at_once(demo, room: int):
+    """Six sequences prefilled and ended together by an engine whose cache has room for
+    ``room`` states: (how many states it copied out of slots, the cache's entries by key, the
+    requests)."""
+    model, proc = demo
+    eng = Engine(model, proc, EngineConfig(max_num_seqs=8, max_prefill_seqs=8))
+    eng.cache.max_bytes = room * eng.state.bytes_per_slot
+    reads = []
+    real_read = eng.state.read
+    eng.state.read = lambda slot: reads.append(slot) or real_read(slot)
+    reqs, cols = [], []
+    for i in range(6):
+        s, col = make_sample("test", i), Collector()
+        req = make_request(proc, f"e{i}", [user(s.qas[0].question)], [s.image()], col, max_tokens=3)
+        req.params.ignore_eos = True  # all six end at the same step
+        eng.add_request(req)
+        reqs.append(req)
+        cols.append(col)
+    eng.start()
+    try:
+        _wait(cols)
+    finally:
+        eng.shutdown()
+    assert eng.max_batch == 6 and all(c.final.finish_reason == "length" for c in cols)
+    return len(reads), {k: e.state for k, e in eng.cache.entries.items()}, reqs
+
+
+def test_states_the_cache_would_evict_at_once_are_never_copied(demo):
+    """Against a cache with room for three states, the engine copies only the three prompt ends
+    and the three final states it keeps (the last three of each batch), not twelve; they are
+    the states an engine with room for all of them holds under the same keys."""
+    from server.engine.state_cache import prefix_hashes
+
+    reads, kept, reqs = _six_at_once(demo, room=3)
+    all_reads, held, _ = _six_at_once(demo, room=100)
+    assert (reads, all_reads) == (6, 12) and len(held) == 12
+    finals = [prefix_hashes(r.scope, r.decoder.token_ids[: r.fed], r.prompt_key)[-1] for r in reqs]
+    assert list(kept) == finals[3:]
+    for key, (conv, ssm) in kept.items():
+        assert torch.equal(conv, held[key][0]) and torch.equal(ssm, held[key][1])
+
+
 def test_warm_up_leaves_no_trace(demo):
     """The start-up prefill pass (run on GPUs so that no request waits for a kernel compile)
     zeroes the slots it used, caches nothing, reports no metrics, and answers stay the same."""

@@ -1,3 +1,6 @@
+import random
+
+import pytest
 import torch
 
 from server.engine.state_cache import StateCache, prefix_hashes, prompt_items
@@ -43,3 +46,29 @@ def test_images_with_identical_placeholders_get_different_items():
 def test_a_chain_continues_from_an_earlier_hash():
     whole = prefix_hashes("s", [1, 2, 3, 4, 5])
     assert prefix_hashes("s", [4, 5], start=whole[2]) == whole[3:]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_held_after_predicts_what_storing_a_batch_leaves(seed):
+    """Whatever the cache holds (sessions and not, several scopes) and whatever a batch stores,
+    held_after names exactly the batch's keys that storing them all, in order, leaves cached,
+    and changes nothing itself."""
+    rng = random.Random(seed)
+    room = rng.randint(1, 8)
+    c = StateCache(room * 80, per_session=2)
+    keys = [prefix_hashes("", [i])[-1] for i in range(40)]
+
+    def stores(n):
+        return [(rng.choice("ab"), rng.choice([None, None, "s1", "s2"]), rng.choice(keys), rng.randint(1, 5))
+                for _ in range(n)]
+
+    for scope, session, key, length in stores(rng.randint(0, 12)):
+        c.store(scope, session, key, length, _state())
+    before = list(c.entries)
+    batch = stores(rng.randint(1, 12))
+    predicted = c.held_after(batch, 80)
+    assert list(c.entries) == before
+    for scope, session, key, length in batch:
+        c.store(scope, session, key, length, _state())
+    assert predicted == [key in c.entries for _, _, key, _ in batch]
+    assert c.bytes <= room * 80
