@@ -13,7 +13,8 @@ the server's own process with ``--no-engine-process``. Each iteration:
    step later, while the device runs that next step (one step of lookahead), so detokenizing,
    stop checks and delivery overlap the GPU. A sequence that finishes has therefore had one
    extra step run on its slot: harmless, since its output is dropped and the slot is either
-   cached as "prompt + every generated token" (what it then holds) or reset before reuse;
+   cached as "prompt + every generated token" (what it then holds) or reset before reuse.
+   When the step in flight takes every row to its max_tokens, no further step is launched;
 5. prompts' end states (after prefill) and finished requests' final states go to the session
    state cache; finished requests free their slot.
 
@@ -273,7 +274,7 @@ class Engine:
     def _restore(self, req: EngineRequest) -> None:
         """Load the longest cached prefix (leaving at least one token to prefill) into the slot."""
         hashes = prefix_hashes(req.scope, self._cache_items(req))
-        req.prompt_key = hashes[-1]
+        req.prompt_key = req.chain = hashes[-1]
         hit = self.cache.lookup(req.scope, hashes, len(req.prompt_ids) - 1)
         if hit is None:
             req.cached_tokens = 0
@@ -322,6 +323,9 @@ class Engine:
 
     def _decode(self, reqs: list[EngineRequest]) -> None:
         prev = self._inflight
+        if prev is not None and self._end_in_flight(reqs, prev):
+            self._consume(prev)  # a step after it would only make tokens past max_tokens
+            return
         tokens = self._next_tokens(reqs, prev)
         key = tuple(r.slot for r in reqs)
         if key != self._slots[0]:  # the batch changed: copy its slots over once
@@ -347,6 +351,12 @@ class Engine:
             self._consume(prev)  # host work of the previous step overlaps this one on the device
         if not lookahead:
             self._consume(cur)
+
+    @staticmethod
+    def _end_in_flight(reqs: list[EngineRequest], prev: _Inflight) -> bool:
+        """Whether the tokens of the step in flight take every request to its max_tokens."""
+        pending = {id(r) for r in prev.reqs}
+        return all(id(r) in pending and len(r.decoder.token_ids) + 1 >= r.params.max_tokens for r in reqs)
 
     def _next_tokens(self, reqs: list[EngineRequest], prev: _Inflight | None) -> torch.Tensor:
         """(b,) tokens to feed: from the in-flight step on the device, else the host's last token."""
@@ -406,17 +416,24 @@ class Engine:
             req.last_token = tok
             if req.decoder.finished:
                 done.append((req, text))
-            elif text:
-                req.sink(EngineOutput(req.request_id, text, [tok]))
+            else:
+                self._final_key(req)  # hash the tokens fed so far while the device runs the next step
+                if text:
+                    req.sink(EngineOutput(req.request_id, text, [tok]))
         if done:
             self._cache_states([(req, self._final_key(req), len(req.prompt_ids) + req.fed) for req, _ in done])
         for req, text in done:
             self._finish(req, text, now)
 
     def _final_key(self, req: EngineRequest) -> bytes:
-        """The cache key of what the slot holds at the end: the prompt and the tokens fed so far."""
-        fed = req.decoder.token_ids[: req.fed]
-        return ([req.prompt_key] + prefix_hashes(req.scope, fed, req.prompt_key))[-1]
+        """The cache key of what the slot holds: the prompt and the tokens fed so far. The chain
+        grows by the tokens fed since the last call (one per step), so a request that ends does
+        not hash all of its tokens at once (256 x 127 tokens took ~30 ms)."""
+        new = req.decoder.token_ids[req.hashed: req.fed]
+        if new:
+            req.chain = prefix_hashes(req.scope, new, req.chain)[-1]
+            req.hashed += len(new)
+        return req.chain
 
     def _finish(self, req: EngineRequest, text: str, now: float) -> None:
         dec = req.decoder

@@ -169,6 +169,27 @@ def test_states_the_cache_would_evict_at_once_are_never_copied(demo):
         assert torch.equal(conv, held[key][0]) and torch.equal(ssm, held[key][1])
 
 
+def test_no_step_is_launched_past_every_rows_max_tokens(demo):
+    """The first token comes from the prefill and each decode step makes one more, so requests
+    of 3 and 6 tokens that start together take 5 steps: none runs after the step in flight has
+    taken every row to its max_tokens."""
+    model, proc = demo
+    eng = Engine(model, proc, EngineConfig(max_num_seqs=4, max_prefill_seqs=4))
+    cols = [Collector(), Collector()]
+    for i, (col, n) in enumerate(zip(cols, (3, 6))):
+        s = make_sample("test", i)
+        req = make_request(proc, f"m{i}", [user(s.qas[0].question)], [s.image()], col, max_tokens=n)
+        req.params.ignore_eos = True
+        eng.add_request(req)
+    eng.start()
+    try:
+        _wait(cols)
+        assert [c.final.completion_tokens for c in cols] == [3, 6]
+        assert eng.steps == 5 and eng.max_batch == 2
+    finally:
+        eng.shutdown()
+
+
 def test_warm_up_leaves_no_trace(demo):
     """The start-up prefill pass (run on GPUs so that no request waits for a kernel compile)
     zeroes the slots it used, caches nothing, reports no metrics, and answers stay the same."""
