@@ -43,6 +43,7 @@ from kernels.triton._math import fast_math
 
 
 PREFETCH_AHEAD = True  # read at launch: out_proj and mixer_in prefetch the next kernel's weights
+PREFETCH_MAX = 128 * 16384  # bytes one program can ask for: its first 128 threads, 16 KB each
 
 
 @functools.cache
@@ -87,7 +88,8 @@ def prefetch_rows(base, rows, row_stride, col0, ncols, COLS: tl.constexpr):
 def prefetch_span(base, start, total, NEXT: tl.constexpr, PIECE: tl.constexpr = 16384):
     """Ask L2 to fetch bytes [start, start + NEXT) of ``base`` (clamped to ``total`` bytes) with
     one bulk prefetch (``cp.async.bulk.prefetch.L2``) per ``PIECE`` bytes, issued by the first
-    threads of the program. ``start``, ``NEXT`` and the address of ``base`` are multiples of 16."""
+    threads of the program (so at most threads x PIECE bytes: :data:`PREFETCH_MAX` with 4 warps).
+    ``start``, ``NEXT``, ``total`` and the address of ``base`` are multiples of 16."""
     n = tl.maximum(tl.minimum(total - start, NEXT), 0).to(tl.int32)
     p = base.to(tl.pointer_type(tl.int8)) + start
     tl.inline_asm_elementwise(
@@ -105,7 +107,10 @@ def next_args(device: torch.device, nxt: torch.Tensor | None, programs: int, dum
     if nxt is None or not PREFETCH_AHEAD or not pdl(device) or not nxt.is_contiguous() or nxt.data_ptr() % 16:
         return dummy, 0, 0
     total = nxt.numel() * nxt.element_size()
-    return nxt, total, triton.cdiv(triton.cdiv(total, programs), 16) * 16
+    per = triton.cdiv(triton.cdiv(total, programs), 16) * 16
+    if total % 16 or per > PREFETCH_MAX:  # bulk prefetch sizes are multiples of 16 bytes
+        return dummy, 0, 0
+    return nxt, total, per
 
 
 def pdl_args(device: torch.device, weight: torch.Tensor | None = None, prefetch: int = 0) -> dict:

@@ -428,7 +428,7 @@ class Engine:
     def _final_key(self, req: EngineRequest) -> bytes:
         """The cache key of what the slot holds: the prompt and the tokens fed so far. The chain
         grows by the tokens fed since the last call (one per step), so a request that ends does
-        not hash all of its tokens at once (256 x 127 tokens took ~30 ms)."""
+        not hash all of its tokens at once (256 x 127 tokens: ~13 ms of host time)."""
         new = req.decoder.token_ids[req.hashed: req.fed]
         if new:
             req.chain = prefix_hashes(req.scope, new, req.chain)[-1]

@@ -98,6 +98,8 @@ def test_prefetch_ahead_splits_the_next_weights_evenly_over_the_programs(monkeyp
         assert per % 16 == 0 and programs * per >= total > (programs - 1) * per - 16 * programs
     assert next_args(cuda, None, 160, dummy) == (dummy, 0, 0)
     assert next_args(cuda, w[:, :100], 160, dummy) == (dummy, 0, 0)  # not one contiguous span
+    assert next_args(cuda, torch.empty(5, dtype=torch.bfloat16), 1, dummy) == (dummy, 0, 0)  # 10 bytes
+    assert next_args(cuda, w, 3, dummy) == (dummy, 0, 0)  # 2.2 MB per program: more than 128 threads ask for
     monkeypatch.setattr(P, "PREFETCH_AHEAD", False)
     assert next_args(cuda, w, 160, dummy) == (dummy, 0, 0)
     monkeypatch.setattr(P, "PREFETCH_AHEAD", True)
