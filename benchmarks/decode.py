@@ -498,7 +498,8 @@ def report(result: dict, batches: list[int]) -> str:
                  markdown_table(["system", "batch x prompt", "eager ms", "engine ms", "from a graph"],
                                 [[r["system"], f"{r['prefill_shape'][0]} x {r['prefill_shape'][1]}", r["eager_ms"],
                                   r["engine_ms"], "yes" if r["graph"] else "no"] for r in shapes])]
-    ab = {(r["pdl_ab_batch"], r["pdl"], r["ahead"]): r["step_ms"] for r in result["rows"] if "pdl_ab_batch" in r}
+    ab = {(r["pdl_ab_batch"], r["pdl"], r.get("ahead", False)): r["step_ms"] for r in result["rows"]
+          if "pdl_ab_batch" in r}  # rows from before the prefetch ahead have no "ahead"
     if ab:
         text += ["", "One decode step of ours replayed from a CUDA graph, the decode kernels launched plainly, "
                      "with programmatic dependent launch (PDL), and with PDL and the prefetch of the next weights "
@@ -506,7 +507,7 @@ def report(result: dict, batches: list[int]) -> str:
                  markdown_table(["batch", "plain ms", "PDL ms", "PDL + ahead ms", "gain over plain"],
                                 [[b] + [f"{ab[(b, *s)]:.3f}" for s in PDL_SETTINGS] +
                                  [f"{ab[b, False, False] / ab[b, True, True] - 1:+.1%}"]
-                                 for b in sorted({k[0] for k in ab})])]
+                                 for b in sorted({k[0] for k in ab}) if all((b, *s) in ab for s in PDL_SETTINGS)])]
     scans = [r for r in result["rows"] if "scan_ab_shape" in r]
     if scans:
         names = list(dict.fromkeys(r["scan"] for r in scans))

@@ -18,13 +18,14 @@ dependencies as programmatic edges, so the captured decode step overlaps the sam
 
 Two kernels also prefetch ahead, after their wait (``prefetch_span``: bulk prefetches,
 ``cp.async.bulk.prefetch.L2``): out_proj's programs, as their weight stream ends, ask for the
-first eighth of the next layer's in_proj (or of the LM head), which then lands while
-add + RMSNorm runs; ``mixer_in``'s z programs, once their rows are done, ask for the first
-eighth of out_proj. Measured slower on an H100 (docs/performance.md): larger prefetches
-(before the wait, or ahead), prefetching out_proj from the state update, and letting the short
-kernels between the projections signal before their own wait, so that the next projection
-prefetches while the previous one still streams; the prefetches then compete with the loads
-that the short kernels wait on. ``PREFETCH_AHEAD = False`` turns the prefetch ahead off.
+first eighth of the next layer's in_proj (after the last layer, as many bytes from the start
+of the LM head: 6.5 MB at the 2.8B shapes), which then lands while add + RMSNorm runs;
+``mixer_in``'s z programs, once their rows are done, ask for the first eighth of out_proj.
+Measured slower on an H100 (docs/performance.md): larger prefetches (before the wait, or
+ahead), prefetching out_proj from the state update, and letting the short kernels between the
+projections signal before their own wait, so that the next projection prefetches while the
+previous one still streams; the prefetches then compete with the loads that the short kernels
+wait on. ``PREFETCH_AHEAD = False`` turns the prefetch ahead off.
 
 ``VLMAMBA_PDL=0`` turns it off (the kernels then launch and run as plain kernels).
 """
@@ -43,7 +44,7 @@ from kernels.triton._math import fast_math
 
 
 PREFETCH_AHEAD = True  # read at launch: out_proj and mixer_in prefetch the next kernel's weights
-PREFETCH_MAX = 128 * 16384  # bytes one program can ask for: its first 128 threads, 16 KB each
+PIECE = 16384  # bytes per bulk prefetch of the prefetch ahead
 
 
 @functools.cache
@@ -85,10 +86,10 @@ def prefetch_rows(base, rows, row_stride, col0, ncols, COLS: tl.constexpr):
 
 
 @triton.jit
-def prefetch_span(base, start, total, NEXT: tl.constexpr, PIECE: tl.constexpr = 16384):
+def prefetch_span(base, start, total, NEXT: tl.constexpr, PIECE: tl.constexpr = PIECE):
     """Ask L2 to fetch bytes [start, start + NEXT) of ``base`` (clamped to ``total`` bytes) with
     one bulk prefetch (``cp.async.bulk.prefetch.L2``) per ``PIECE`` bytes, issued by the first
-    threads of the program (so at most threads x PIECE bytes: :data:`PREFETCH_MAX` with 4 warps).
+    threads of the program (so at most threads x PIECE bytes: 2 MB with 4 warps).
     ``start``, ``NEXT``, ``total`` and the address of ``base`` are multiples of 16."""
     n = tl.maximum(tl.minimum(total - start, NEXT), 0).to(tl.int32)
     p = base.to(tl.pointer_type(tl.int8)) + start
@@ -100,15 +101,17 @@ def prefetch_span(base, start, total, NEXT: tl.constexpr, PIECE: tl.constexpr = 
         "=r,l,r,r", [p, n, PIECE], dtype=tl.int32, is_pure=False, pack=1)
 
 
-def next_args(device: torch.device, nxt: torch.Tensor | None, programs: int, dummy: torch.Tensor) -> tuple:
-    """``(nxt, nxt_bytes, NEXT)`` for a kernel that prefetches ``nxt`` (the next kernel's weights,
-    contiguous) into L2 after its wait, split evenly over ``programs`` programs: NEXT bytes per
-    program, 0 (and ``dummy`` for the pointer) where programmatic dependent launch is off."""
+def next_args(device: torch.device, nxt: torch.Tensor | None, programs: int, warps: int,
+              dummy: torch.Tensor) -> tuple:
+    """``(nxt, nxt_bytes, NEXT)`` for a kernel of ``programs`` programs of ``warps`` warps that
+    prefetches ``nxt`` (the next kernel's weights, contiguous) into L2 after its wait, split
+    evenly over its programs: NEXT bytes per program; 0 (and ``dummy`` for the pointer) where
+    programmatic dependent launch is off or the span does not fit the bulk prefetches."""
     if nxt is None or not PREFETCH_AHEAD or not pdl(device) or not nxt.is_contiguous() or nxt.data_ptr() % 16:
         return dummy, 0, 0
     total = nxt.numel() * nxt.element_size()
     per = triton.cdiv(triton.cdiv(total, programs), 16) * 16
-    if total % 16 or per > PREFETCH_MAX:  # bulk prefetch sizes are multiples of 16 bytes
+    if total % 16 or per > warps * 32 * PIECE:  # sizes are multiples of 16; one piece per thread
         return dummy, 0, 0
     return nxt, total, per
 

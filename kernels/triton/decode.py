@@ -91,7 +91,7 @@ def mixer_in_triton(normed, in_weight, conv_state, conv_weight, conv_bias, state
     if d % block_n:
         block_n = 16
     assert d % block_n == 0
-    nxt, nxt_bytes, next_bytes = next_args(normed.device, prefetch, d // block_n, normed)
+    nxt, nxt_bytes, next_bytes = next_args(normed.device, prefetch, d // block_n, warps, normed)
     _mixer_in_kernel[(2 * d // block_n,)](
         normed, in_weight, conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight,
         state_indices, x_proj_weight, x, z, x_proj_out, nxt, nxt_bytes, b, D, d, R,

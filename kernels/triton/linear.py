@@ -62,7 +62,7 @@ def _launch(x, weight, bias, y, split, config, accumulate, prefetch=None):
     block_n, block_k, stages, warps = config or _config(n, k)
     k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, k_split))
-    nxt, nxt_bytes, next_bytes = next_args(x.device, prefetch, grid[0] * grid[1], x)
+    nxt, nxt_bytes, next_bytes = next_args(x.device, prefetch, grid[0] * grid[1], warps, x)
     _small_linear_kernel[grid](
         x, weight, bias if bias is not None else weight, y, nxt, nxt_bytes, m, n, k, k_split, x.stride(0),
         weight.stride(0), y.stride(0), HAS_BIAS=bias is not None, ACCUMULATE=accumulate, BLOCK_M=16,

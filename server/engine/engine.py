@@ -11,10 +11,11 @@ the server's own process with ``--no-engine-process``. Each iteration:
 4. ``_decode``: one ``step`` for every running sequence, slots passed as indices. The step's
    sampled tokens stay on the device and feed the next step directly; the host reads them one
    step later, while the device runs that next step (one step of lookahead), so detokenizing,
-   stop checks and delivery overlap the GPU. A sequence that finishes has therefore had one
-   extra step run on its slot: harmless, since its output is dropped and the slot is either
-   cached as "prompt + every generated token" (what it then holds) or reset before reuse.
-   When the step in flight takes every row to its max_tokens, no further step is launched;
+   stop checks and delivery overlap the GPU. A sequence that finishes has therefore mostly had
+   one extra step run on its slot: harmless, since its output is dropped and the slot is either
+   cached as "prompt + the tokens fed" (``EngineRequest.fed``: what it then holds) or reset
+   before reuse. When the step in flight takes every row to its max_tokens, no further step is
+   launched (the slots then hold all but the last token, and ``fed`` says so);
 5. prompts' end states (after prefill) and finished requests' final states go to the session
    state cache; finished requests free their slot.
 
@@ -395,12 +396,10 @@ class Engine:
         self._deliver(list(zip(reqs, pick_tokens(logits, [r.decoder for r in reqs], self._mask).tolist())))
 
     def _cache_states(self, items: list[tuple[EngineRequest, bytes, int]]) -> None:
-        """Copy the slots' states into the session cache, each under (key, items covered), but
-        only those the cache still holds once the whole batch is stored."""
+        """Store the slots' states in the session cache, each under (key, items covered); only
+        the states the cache still holds after the whole batch are copied out of their slots."""
         stores = [(r.scope, r.session_id, key, n) for r, key, n in items]
-        for (r, key, n), held in zip(items, self.cache.held_after(stores, self.state.bytes_per_slot)):
-            if held:
-                self.cache.store(r.scope, r.session_id, key, n, self.state.read(r.slot))
+        self.cache.store_many(stores, self.state.bytes_per_slot, lambda i: self.state.read(items[i][0].slot))
 
     def _deliver(self, pairs: list[tuple[EngineRequest, int]]) -> None:
         now = time.monotonic()

@@ -5,16 +5,17 @@ digest and offset), salted by the caller's scope, so one API key never sees anot
 A later prompt that starts with a cached prefix resumes from that state. Bounded by bytes,
 evicted least-recently-used; entries with a session id are evicted after all others, and a
 session keeps only its newest two entries (the latest turn's prompt and its end: a conversation
-only ever resumes from its latest turn). When many sequences end at once, the engine asks
-:meth:`StateCache.held_after` which of their states the cache would still hold after storing
-them all, and copies only those out of their slots.
+only ever resumes from its latest turn). When many sequences end at once, the engine stores
+them with :meth:`StateCache.store_many`, which copies only the states the cache still holds
+after the whole batch out of their slots.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -75,7 +76,7 @@ class StateCache:
     def store(self, scope: str, session_id: str | None, key: bytes, length: int,
               state: tuple[torch.Tensor, torch.Tensor] | None, nbytes: int | None = None) -> None:
         """Hold ``state`` for prompts that start with the prefix ``key`` of ``length`` items
-        (``state`` None and ``nbytes`` given: the bookkeeping alone, for :meth:`held_after`)."""
+        (``state`` None and ``nbytes`` given: the bookkeeping alone, for :meth:`store_many`)."""
         if nbytes is None:
             nbytes = sum(t.numel() * t.element_size() for t in state)
         if nbytes > self.max_bytes or length == 0:
@@ -93,16 +94,27 @@ class StateCache:
             self._drop(victim)
             self.evictions += 1
 
-    def held_after(self, stores: list[tuple[str, str | None, bytes, int]], nbytes: int) -> list[bool]:
-        """For stores ``(scope, session_id, key, length)`` of ``nbytes`` each, made in this order:
-        whether the cache would still hold each one after all of them (a batch of 256 sequences
-        ending against room for 46 states leaves 46; the rest are evicted by the ones after them)."""
-        sim = StateCache(self.max_bytes, self.per_session)
-        sim.entries = OrderedDict((k, replace(e, state=None)) for k, e in self.entries.items())
-        sim.bytes = self.bytes
+    def store_many(self, stores: list[tuple[str, str | None, bytes, int]], nbytes: int,
+                   read: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Store a batch ``(scope, session_id, key, length)``, in this order, of ``nbytes`` each,
+        as :meth:`store` one by one would; ``read(i)`` makes the i-th state and is called only
+        for entries still held after the whole batch (for a repeated key, its last item). When
+        256 sequences end against room for 46 states, 46 are read. Returns how many were read."""
         for scope, session_id, key, length in stores:
-            sim.store(scope, session_id, key, length, None, nbytes)
-        return [key in sim.entries for _, _, key, _ in stores]
+            self.store(scope, session_id, key, length, None, nbytes)
+        last = {key: i for i, (_, _, key, _) in enumerate(stores)}
+        read_count = 0
+        try:
+            for key, i in last.items():
+                entry = self.entries.get(key)
+                if entry is not None and entry.state is None:
+                    entry.state = read(i)
+                    read_count += 1
+        finally:  # a failed read leaves no entry without a state
+            for key in last:
+                if key in self.entries and self.entries[key].state is None:
+                    self._drop(key)
+        return read_count
 
     def _drop(self, key: bytes) -> None:
         self.bytes -= self.entries.pop(key).nbytes

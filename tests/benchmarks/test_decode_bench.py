@@ -132,3 +132,19 @@ def test_decode_report_gives_per_kernel_times_only_for_plain_launches():
     text = report(result, [1])
     assert "kernels launched plainly: 4 kernels, 2.800 ms" in text and "_mixer_in_kernel 2 × 22.9 µs" in text
     assert "With programmatic dependent launch: 2.700 ms" in text and "_ssu_kernel" not in text
+
+
+def test_decode_report_reads_pdl_rows_from_before_the_prefetch_ahead():
+    """--merge can bring --pdl-ab rows written before the prefetch ahead existed (no "ahead"):
+    the report reads them as without it and lists only batches that have all three settings."""
+    from benchmarks.decode import report
+
+    def row(b, pdl, ms, **extra):
+        return {"system": "ours", "pdl_ab_batch": b, "pdl": pdl, "step_ms": ms, **extra}
+
+    result = {"machine": {"gpu": "GPU", "torch": "t", "date": "d"}, "config": {"d_model": 8, "n_layer": 1,
+              "padded_vocab_size": 16}, "dtype": "bfloat16", "prompt": 4, "new": 2, "command": "c",
+              "rows": [row(1, False, 2.8), row(1, True, 2.7),  # an old run: plain and PDL only
+                       row(4, False, 2.9, ahead=False), row(4, True, 2.8, ahead=False), row(4, True, 2.6, ahead=True)]}
+    text = report(result, [1])
+    assert "| 4 | 2.900 | 2.800 | 2.600 | +11.5% |" in text and "\n| 1 | " not in text

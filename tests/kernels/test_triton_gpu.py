@@ -240,7 +240,7 @@ def test_decode_graph_with_programmatic_dependent_launch_equals_plain_launches(m
     before it, after prefetching weights), with and without the prefetch of the next weights
     ahead, give, replayed from a CUDA graph over many steps, the logits and states of plain
     launches: a missing wait would read the previous layer's output before it is written
-    (errors of order 1), and a prefetch past a weight's end would fault. Atomic adds in another
+    (errors of order 1). Atomic adds in another
     order are the only difference allowed; over 32 steps they reach ~1.5e-3 in the logits and
     ~2.5e-3 in the states (H100)."""
     import kernels.triton._pdl as P

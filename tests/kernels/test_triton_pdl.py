@@ -91,17 +91,18 @@ def test_prefetch_ahead_splits_the_next_weights_evenly_over_the_programs(monkeyp
     cuda, dummy = torch.device("cuda"), torch.empty(1)
     w = torch.empty(1280, 2560, dtype=torch.bfloat16)  # an eighth of the 2.8B model's in_proj: 6.5 MB
     monkeypatch.setattr("kernels.triton._pdl.pdl", lambda device: True)
-    nxt, total, per = next_args(cuda, w, 160, dummy)
+    nxt, total, per = next_args(cuda, w, 160, 4, dummy)
     assert nxt is w and total == 1280 * 2560 * 2 and per == total // 160
     for programs in (7, 320, 1000):  # bulk prefetches need 16-byte multiples; together they cover it all
-        per = next_args(cuda, w, programs, dummy)[2]
+        per = next_args(cuda, w, programs, 4, dummy)[2]
         assert per % 16 == 0 and programs * per >= total > (programs - 1) * per - 16 * programs
-    assert next_args(cuda, None, 160, dummy) == (dummy, 0, 0)
-    assert next_args(cuda, w[:, :100], 160, dummy) == (dummy, 0, 0)  # not one contiguous span
-    assert next_args(cuda, torch.empty(5, dtype=torch.bfloat16), 1, dummy) == (dummy, 0, 0)  # 10 bytes
-    assert next_args(cuda, w, 3, dummy) == (dummy, 0, 0)  # 2.2 MB per program: more than 128 threads ask for
+    assert next_args(cuda, None, 160, 4, dummy) == (dummy, 0, 0)
+    assert next_args(cuda, w[:, :100], 160, 4, dummy) == (dummy, 0, 0)  # not one contiguous span
+    assert next_args(cuda, torch.empty(5, dtype=torch.bfloat16), 1, 4, dummy) == (dummy, 0, 0)  # 10 bytes
+    assert next_args(cuda, w, 3, 4, dummy) == (dummy, 0, 0)  # 2.2 MB per program: more than 128 threads ask for
+    assert next_args(cuda, w, 3, 8, dummy)[2] > 2 << 20  # 256 threads can
     monkeypatch.setattr(P, "PREFETCH_AHEAD", False)
-    assert next_args(cuda, w, 160, dummy) == (dummy, 0, 0)
+    assert next_args(cuda, w, 160, 4, dummy) == (dummy, 0, 0)
     monkeypatch.setattr(P, "PREFETCH_AHEAD", True)
     monkeypatch.setattr("kernels.triton._pdl.pdl", lambda device: False)  # plain launches prefetch nothing
-    assert next_args(cuda, w, 160, dummy) == (dummy, 0, 0)
+    assert next_args(cuda, w, 160, 4, dummy) == (dummy, 0, 0)

@@ -48,27 +48,48 @@ def test_a_chain_continues_from_an_earlier_hash():
     assert prefix_hashes("s", [4, 5], start=whole[2]) == whole[3:]
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_held_after_predicts_what_storing_a_batch_leaves(seed):
-    """Whatever the cache holds (sessions and not, several scopes) and whatever a batch stores,
-    held_after names exactly the batch's keys that storing them all, in order, leaves cached,
-    and changes nothing itself."""
+@pytest.mark.parametrize("seed", range(40))
+def test_store_many_leaves_what_storing_one_by_one_does_and_reads_only_what_stays(seed):
+    """Whatever the cache holds (sessions and not, several scopes, repeated keys) and whatever a
+    batch stores, store_many leaves the entries, in order and with the states, that storing the
+    batch one by one leaves, and reads only the states that stay (the last of a repeated key)."""
     rng = random.Random(seed)
     room = rng.randint(1, 8)
-    c = StateCache(room * 80, per_session=2)
-    keys = [prefix_hashes("", [i])[-1] for i in range(40)]
+    keys = [prefix_hashes("", [i])[-1] for i in range(12)]
 
     def stores(n):
         return [(rng.choice("ab"), rng.choice([None, None, "s1", "s2"]), rng.choice(keys), rng.randint(1, 5))
                 for _ in range(n)]
 
-    for scope, session, key, length in stores(rng.randint(0, 12)):
-        c.store(scope, session, key, length, _state())
-    before = list(c.entries)
-    batch = stores(rng.randint(1, 12))
-    predicted = c.held_after(batch, 80)
-    assert list(c.entries) == before
-    for scope, session, key, length in batch:
-        c.store(scope, session, key, length, _state())
-    assert predicted == [key in c.entries for _, _, key, _ in batch]
-    assert c.bytes <= room * 80
+    head, batch = stores(rng.randint(0, 12)), stores(rng.randint(1, 12))
+    states = [_state() for _ in batch]
+    one, many = StateCache(room * 80), StateCache(room * 80)
+    for c in (one, many):
+        for scope, session, key, length in head:
+            c.store(scope, session, key, length, _state())
+    for (scope, session, key, length), state in zip(batch, states):
+        one.store(scope, session, key, length, state)
+    reads = []
+    assert many.store_many(batch, 80, lambda i: reads.append(i) or states[i]) == len(reads)
+    assert list(many.entries) == list(one.entries) and many.bytes == one.bytes
+    batch_keys = {key for _, _, key, _ in batch}
+    for key, entry in one.entries.items():
+        assert many.entries[key].state is not None
+        if key in batch_keys:
+            assert many.entries[key].state is entry.state
+    assert sorted(reads) == sorted(i for i, (_, _, key, _) in enumerate(batch)
+                                   if key in one.entries and one.entries[key].state is states[i])
+
+
+def test_a_failed_read_leaves_no_entry_without_a_state():
+    c = StateCache(10 * 80)
+    keys = [prefix_hashes("", [i])[-1] for i in range(3)]
+
+    def read(i):
+        if i == 1:
+            raise RuntimeError("out of memory")
+        return _state()
+
+    with pytest.raises(RuntimeError):
+        c.store_many([("", None, k, 1) for k in keys], 80, read)
+    assert all(e.state is not None for e in c.entries.values()) and c.bytes == 80 * len(c.entries)
