@@ -572,7 +572,8 @@ def main(argv=None) -> dict:
                          "path (default on CUDA: 1x128 1x256 1x768 4x384 16x768)")
     ap.add_argument("--pdl-ab", type=int, nargs="*", default=[], metavar="B",
                     help="also time one graph-replayed decode step of ours at these batch sizes with the decode "
-                         "kernels launched plainly and with programmatic dependent launch, alternately")
+                         "kernels launched plainly, with programmatic dependent launch, and with it and the "
+                         "prefetch of the next weights ahead, alternately")
     ap.add_argument("--scan-ab", nargs="*", default=[], metavar="BxL", type=_shape,
                     help="also time one prefill of ours per batch x prompt shape, replayed from a CUDA graph, with "
                          "the scan's own configuration and each of its loops forced, alternately")
