@@ -28,7 +28,8 @@ def rng(seed):
 
 def state_update_cases():
     for (b, d, n, pool, dtype) in [(1, 8, 4, 1, torch.float32), (3, 40, 16, 7, torch.float32),
-                                   (2, 24, 5, 4, torch.bfloat16), (4, 16, 16, 9, torch.float16)]:
+                                   (2, 24, 5, 4, torch.bfloat16), (4, 16, 16, 9, torch.float16),
+                                   (7, 40, 16, 11, torch.bfloat16)]:
         r = rng(b * 100 + d)
         x, dt, z = r(b, d).to(dtype), (r(b, d) * 0.5).to(dtype), r(b, d).to(dtype)
         A, B, C, D, bias = -torch.exp(r(d, n) * 0.5), r(b, n).to(dtype), r(b, n).to(dtype), r(d), r(d) * 0.1
@@ -125,10 +126,11 @@ def conv_cases():
         (y_ref, s_ref), (y_tri, s_tri) = outs
         record("causal_conv1d", [b, d, l, mode, w_], dtype, y_err=err(y_tri, y_ref), state_err=err(s_tri, s_ref),
                y_scale=y_ref.float().abs().max().item(), same_dtype=y_tri.dtype == y_ref.dtype)
-    for (b, d, pool_n, dtype) in [(1, 8, 1, torch.float32), (3, 300, 6, torch.bfloat16)]:
+    for (b, d, pool_n, dtype, w_) in [(1, 8, 1, torch.float32, 4), (3, 300, 6, torch.bfloat16, 4),
+                                      (5, 40, 7, torch.float32, 3), (2, 40, 2, torch.float32, 2)]:
         r = rng(b + d)
-        x, w, cb = r(b, 2 * d).to(dtype)[:, :d], r(d, 4), r(d)
-        pool = r(pool_n, d, 3).to(dtype)
+        x, w, cb = r(b, 2 * d).to(dtype)[:, :d], r(d, w_), r(d)
+        pool = r(pool_n, d, w_ - 1).to(dtype)
         idx = torch.randperm(pool_n)[:b] if pool_n > b else None
         p_ref, p_tri = pool.clone(), pool.clone()
         y_ref = K.causal_conv1d_update_ref(x, p_ref, w, cb, "silu", state_indices=idx)
@@ -139,7 +141,8 @@ def conv_cases():
 
 def fused_cases():
     """selective_state_update with dt_proj folded in and A given as A_log; add_rms_norm."""
-    for (b, d, n, r_, dtype) in [(2, 40, 16, 5, torch.float32), (3, 64, 16, 70, torch.bfloat16)]:
+    for (b, d, n, r_, dtype) in [(2, 40, 16, 5, torch.float32), (3, 64, 16, 70, torch.bfloat16),
+                                 (6, 48, 16, 20, torch.float32)]:
         r = rng(b * 3 + d)
         xproj = r(b, r_ + 2 * n).to(dtype)
         dt_low, B, C = xproj.split([r_, n, n], dim=-1)  # strided views, as the mixer passes them
