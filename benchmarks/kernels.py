@@ -172,6 +172,37 @@ def linear_rows(sweep: bool) -> list[dict]:
                     rows.append({"kernel": "linear_accumulate out_proj", "impl": "triton",
                                  "config": None if split == 4 and cfg is None else [split, cfg], "shape": [m, n, k],
                                  "ms": ms, "TB/s": gb / ms})
+    rows += wide_narrow_rows(sweep)
+    return rows
+
+
+def wide_narrow_rows(sweep: bool) -> list[dict]:
+    """The narrow projections of the decode step past 16 rows, where it runs unfused: x_proj
+    (192 features) summed into float32 by the split-K kernel, and dt_proj (k = 160) from those
+    float32 sums, against cuBLAS on 16-bit inputs; ``sweep`` adds the split and tile choices."""
+    from kernels.triton.linear import linear_accumulate_triton, small_linear_triton
+
+    rows, g = [], torch.Generator(device="cuda").manual_seed(5)
+    for m in (32, 64, 128, 256):
+        for name, (n, k) in {"x_proj": (R + 2 * N, D_IN), "dt_proj": (D_IN, R)}.items():
+            x = torch.randn(m, k, device="cuda", generator=g)
+            xb, w = x.bfloat16(), (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
+            gb, ws = n * k * 2 / 1e9, weight_copies(w)
+            ms = bench_cold(lambda w: torch.nn.functional.linear(xb, w), ws)
+            rows.append({"kernel": f"linear {name}", "impl": "cuBLAS", "shape": [m, n, k], "ms": ms, "TB/s": gb / ms})
+            if name == "dt_proj":
+                for cfg in [None] + ([(bn, bk, 4, 4) for bn in (64, 128) for bk in (32, 64)] if sweep else []):
+                    ms = bench_cold(lambda w: small_linear_triton(x, w, config=cfg), ws)
+                    rows.append({"kernel": f"linear {name}", "impl": "triton (float32 in)", "config": cfg,
+                                 "shape": [m, n, k], "ms": ms, "TB/s": gb / ms})
+                continue
+            out = torch.zeros(m, n, device="cuda")
+            for split in [None] + ([8, 16, 32, 40] if sweep else []):
+                for cfg in [None] + ([(bn, bk, 4, 4) for bn in (64, 256) for bk in (64, 128)] if sweep else []):
+                    ms = bench_cold(lambda w: linear_accumulate_triton(xb, w, out, split, cfg), ws)
+                    rows.append({"kernel": f"linear_accumulate {name}", "impl": "triton",
+                                 "config": None if split is None and cfg is None else [split, cfg],
+                                 "shape": [m, n, k], "ms": ms, "TB/s": gb / ms})
     return rows
 
 

@@ -88,19 +88,26 @@ class MambaMixer(nn.Module):
                               backend=self.backend)
         return self.out_proj(y.transpose(1, 2))
 
-    def step(self, hidden: torch.Tensor, state: InferenceState, slots: torch.Tensor) -> torch.Tensor:
-        """One decode step. hidden: (b, D), slots: (b,) -> (b, D); updates the slots in place."""
+    def step(self, hidden: torch.Tensor, state: InferenceState, slots: torch.Tensor,
+             xproj: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step. hidden: (b, D), slots: (b,) -> (b, D); updates the slots in place.
+        ``xproj`` (b, r + 2n) float32, zeroed: where x_proj's output is summed (else allocated)."""
         conv_pool, ssm_pool = state.layer(self.layer_idx)
-        # The projections stay on cuBLAS: our GEMV (kernels.small_linear) matched it, not beat it, on
-        # these shapes in benchmarks/kernels.py; it is faster only for the LM head.
+        # in_proj and out_proj stay on cuBLAS beyond 16 rows (the fused step takes fewer): it
+        # beat our kernel there in benchmarks/kernels.py.
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, d) each
         x = causal_conv1d_update(x, conv_pool, self.conv1d.weight[:, 0, :], self.conv1d.bias, "silu",
                                  state_indices=slots, backend=self.backend)
-        dt_low, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if xproj is None:
+            xproj = x.new_zeros(x.shape[0], self.x_proj.out_features, dtype=torch.float32)
+        # x_proj (r + 2n = 192 outputs) and dt_proj (k = r) are narrow: our split-K kernel fills
+        # the GPU at any batch, where cuBLAS runs a few programs (benchmarks/kernels.py).
+        linear_accumulate(x, self.x_proj.weight, xproj, backend=self.backend, max_rows=None)
+        dt_low, B, C = xproj.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # Small batches fold dt_proj into the step kernel; large ones use one GEMM (the kernel
         # would re-read dt_proj's weight once per sequence).
         fuse = x.shape[0] <= 16
-        dt = dt_low if fuse else F.linear(dt_low, self.dt_proj.weight)
+        dt = dt_low if fuse else small_linear(dt_low, self.dt_proj.weight, None, self.backend, max_rows=None)
         y = selective_state_update(ssm_pool, x, dt, self.A_log, B, C, self.D, z, self.dt_proj.bias, True,
                                    state_indices=slots, dt_proj_weight=self.dt_proj.weight if fuse else None,
                                    A_is_log=True, backend=self.backend)
@@ -149,9 +156,9 @@ class Block(nn.Module):
         normed, residual = self._pre(hidden, residual)
         return self.mixer(normed, state, slots, lengths), residual
 
-    def step(self, hidden, residual, state, slots):
+    def step(self, hidden, residual, state, slots, xproj=None):
         normed, residual = self._pre(hidden, residual)
-        return self.mixer.step(normed, state, slots), residual
+        return self.mixer.step(normed, state, slots, xproj), residual
 
 
 class Backbone(nn.Module):
@@ -232,8 +239,10 @@ class MambaLM(nn.Module):
                 hidden = layer.mixer.step_fused(normed, state, slots, scratch[i, :, : c.d_model],
                                                 scratch[i, :, c.d_model:], ahead[i])
         else:
-            for layer in self.backbone.layers:
-                hidden, residual = layer.step(hidden, residual, state, slots)
+            r = self.backbone.layers[0].mixer.x_proj.out_features if len(self.backbone.layers) else 0
+            xproj = hidden.new_zeros(len(self.backbone.layers), hidden.shape[0], r, dtype=torch.float32)  # one memset
+            for i, layer in enumerate(self.backbone.layers):
+                hidden, residual = layer.step(hidden, residual, state, slots, xproj[i])
         backend = self.backbone.layers[0].mixer.backend if len(self.backbone.layers) else "ref"
         return small_linear(self.backbone._final(hidden, residual), self.lm_head.weight, None, backend)
 

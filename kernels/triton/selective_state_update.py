@@ -81,8 +81,8 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     block_n = triton.next_power_of_2(n)
     block_d = max(16, min(64, 4096 // block_n))
     dummy = x  # unused pointer arguments must still be tensors
-    if lowrank:
-        block_d = 32
+    if lowrank:  # whole decode steps replayed on an H100: B=1 2.609 -> 2.524 ms with 16, B=16 3.270 -> 3.228 with 64
+        block_d = 16 if b == 1 else 64 if b >= 16 else 32
     grid = (triton.cdiv(d, block_d), b)
     _ssu_kernel[grid](state, x, dt, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
                       dt_bias if dt_bias is not None else dummy, out,

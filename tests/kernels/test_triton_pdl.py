@@ -24,7 +24,7 @@ KERNELS = {
                  | {"idx": "*i64", "xp": "*fp32"},
                  dict(HAS_CB=True, W=4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, BLOCK_R=256, STAGES=3), 512),
     "out_proj": (_small_linear_kernel, {"x": BF16, "w": BF16, "bias": BF16, "y": "*fp32"},
-                 dict(HAS_BIAS=False, ACCUMULATE=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, STAGES=4), 256),
+                 dict(HAS_BIAS=False, ACCUMULATE=True, MB=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, STAGES=4), 256),
     "state_update": (_ssu_kernel, dict.fromkeys(("state", "A", "D", "dt_bias"), "*fp32")
                      | dict.fromkeys(("x", "dt", "B", "C", "z", "out", "Wdt"), BF16) | {"idx": "*i64"},
                      dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_IDX=True, LOWRANK=True,

@@ -171,10 +171,13 @@ def fused_cases():
 
 def linear_cases():
     # bf16 dots are checked on the GPU (tests/kernels/test_triton_gpu.py): the interpreter's bf16 dot is wrong.
-    for (m, n, k, dtype, bias) in [(1, 40, 70, torch.float32, True), (3, 33, 300, torch.float16, False),
-                                   (16, 20, 16, torch.float32, True)]:
+    # 70 rows take two blocks of rows; float32 rows with 16-bit weights are rounded first (dt_proj
+    # reads x_proj's float32 sums so).
+    for (m, n, k, dtype, bias, x_dtype) in [(1, 40, 70, torch.float32, True, None), (3, 33, 300, torch.float16, False, None),
+                                            (16, 20, 16, torch.float32, True, None), (40, 20, 300, torch.float32, False, None),
+                                            (70, 24, 40, torch.float16, True, torch.float32)]:
         r = rng(m * 5 + n)
-        x = r(m, 2 * k).to(dtype)[:, :k]  # a strided row view, as the decode step passes x
+        x = r(m, 2 * k).to(x_dtype or dtype)[:, :k]  # a strided row view, as the decode step passes x
         w, b = r(n, k).to(dtype), (r(n).to(dtype) if bias else None)
         y_ref, y_tri = K.small_linear_ref(x, w, b), K.small_linear(x, w, b, backend="triton")
         record("small_linear", [m, n, k], dtype, y_err=err(y_tri, y_ref), state_err=0.0,
@@ -187,6 +190,15 @@ def linear_cases():
         y_ref = K.linear_accumulate_ref(x, w, out.clone())
         y_tri = linear_accumulate_triton(x, w, out.clone(), split, (16, 32, 2, 4))  # several k slices
         record("linear_accumulate", [m, n, k, split], dtype, y_err=err(y_tri, y_ref), state_err=0.0,
+               y_scale=y_ref.float().abs().max().item(), same_dtype=y_tri.dtype == y_ref.dtype)
+    # More rows than one block, the slices of k chosen by the kernel, through the dispatcher
+    # (x_proj's call in the decode step: no row limit).
+    for (m, n, k, dtype) in [(70, 40, 300, torch.float16)]:
+        r = rng(m * 9 + n)
+        x, w, out = r(m, 2 * k).to(dtype)[:, :k], r(n, k).to(dtype), r(m, n)
+        y_ref = K.linear_accumulate_ref(x, w, out.clone())
+        y_tri = K.linear_accumulate(x, w, out.clone(), backend="triton", max_rows=None)
+        record("linear_accumulate", [m, n, k, None], dtype, y_err=err(y_tri, y_ref), state_err=0.0,
                y_scale=y_ref.float().abs().max().item(), same_dtype=y_tri.dtype == y_ref.dtype)
 
 
