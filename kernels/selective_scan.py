@@ -166,8 +166,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     """One decode step in place on a state pool; same contract as :func:`selective_state_update_ref`."""
     chosen = resolve_backend(backend, "selective_state_update", x.device, "mamba_ssm", _triton_ops())
     if chosen == "cuda":
-        if dt_proj_weight is not None:
-            dt = F.linear(dt, dt_proj_weight)
+        if dt_proj_weight is not None:  # dt may be float32 sums (the decode step's x_proj buffer)
+            dt = F.linear(dt.to(dt_proj_weight.dtype), dt_proj_weight)
         A = -torch.exp(A.float()) if A_is_log else A
         fn = peer_module("mamba_ssm.ops.triton.selective_state_update").selective_state_update
         return fn(state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,

@@ -132,3 +132,32 @@ def test_zero_delta_passes_state_through():
     _, last = selective_scan_ref(u, torch.zeros_like(u), A, B, C, D, z, initial_state=h0)
     assert torch.equal(last, h0)
     assert math.isfinite(last.sum().item())
+
+
+def test_peer_backend_takes_float32_low_rank_dt(monkeypatch):
+    """backend="cuda" hands the step to mamba-ssm's kernel after dt_proj; the decode step passes
+    dt_low as x_proj's float32 sums with bf16 weights, which dt_proj must take. The peer kernel
+    is stood in for by the reference with mamba-ssm's signature (it is not installed here)."""
+    import importlib
+    import types
+
+    ss = importlib.import_module("kernels.selective_scan")  # the package re-exports a function of that name
+
+    def peer_step(state, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=False, state_batch_indices=None):
+        return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
+
+    monkeypatch.setattr(ss, "resolve_backend", lambda *a, **k: "cuda")
+    monkeypatch.setattr(ss, "peer_module", lambda name: types.SimpleNamespace(selective_state_update=peer_step))
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)
+    b, d, n, rank = 3, 8, 4, 5
+    x, z = r(b, d).bfloat16(), r(b, d).bfloat16()
+    dt_low, B, C = r(b, rank), r(b, n), r(b, n)  # float32, as the step's x_proj buffer holds them
+    W, A_log, D, bias = (r(d, rank) * 0.3).bfloat16(), r(d, n) * 0.5, r(d), r(d) * 0.1
+    idx, pool = torch.tensor([2, 0, 3]), r(4, d, n)
+    p_ref, p_peer = pool.clone(), pool.clone()
+    y_ref = selective_state_update_ref(p_ref, x, dt_low.bfloat16(), A_log, B, C, D, z, bias, True, idx, W, True)
+    y_peer = selective_state_update(p_peer, x, dt_low, A_log, B, C, D, z, bias, True, idx, W, True, backend="cuda")
+    assert y_peer.dtype == x.dtype
+    torch.testing.assert_close(y_peer.float(), y_ref.float(), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(p_peer, p_ref, atol=1e-2, rtol=1e-2)

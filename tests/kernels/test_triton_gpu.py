@@ -188,6 +188,25 @@ def test_small_linear_bf16(m, n, k):
     assert err < 1e-2
 
 
+@pytest.mark.parametrize("m", [33, 65, 256])
+def test_wide_narrow_projections(m):
+    """The unfused decode step's x_proj (split-K into float32, several row blocks) and dt_proj
+    (from those float32 sums, rounded to bf16) against the references."""
+    from kernels import linear_accumulate, linear_accumulate_ref, small_linear, small_linear_ref
+
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x = torch.randn(m, 2 * D, device="cuda", generator=g).bfloat16()[:, :D]
+    w_x = (torch.randn(160 + 2 * N, D, device="cuda", generator=g) * D ** -0.5).bfloat16()
+    w_dt = (torch.randn(D, 160, device="cuda", generator=g) * 160 ** -0.5).bfloat16()
+    xp = linear_accumulate(x, w_x, torch.zeros(m, 160 + 2 * N, device="cuda"), backend="auto", max_rows=None)
+    xp_ref = linear_accumulate_ref(x, w_x, torch.zeros(m, 160 + 2 * N, device="cuda"))
+    dt_low = xp[:, :160]
+    dt = small_linear(dt_low, w_dt, backend="auto", max_rows=None)
+    errs = _rel(xp, xp_ref), _rel(dt, small_linear_ref(dt_low, w_dt))
+    print(f"m={m}: x_proj rel err {errs[0]:.2e}, dt_proj {errs[1]:.2e}")
+    assert dt.dtype == torch.bfloat16 and max(errs) < 1e-2
+
+
 @pytest.mark.parametrize("m", [1, 4, 16])
 def test_fused_in_proj_and_accumulate_bf16(m):
     """mixer_in (in_proj + conv update + x_proj) and the split-K out_proj at the 2.8B shapes."""
