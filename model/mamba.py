@@ -227,23 +227,21 @@ class MambaLM(nn.Module):
         """One decode step. input_ids: (b,) or inputs_embeds: (b, D); slots: (b,). Returns logits (b, V)."""
         hidden = self._embed(input_ids, inputs_embeds)
         residual = None
-        if self._fuses_step(hidden):
-            c = self.config
-            r = self.backbone.layers[0].mixer.x_proj.out_features  # dt_rank + 2 d_state
-            scratch = hidden.new_zeros(c.n_layer, hidden.shape[0], c.d_model + r, dtype=torch.float32)  # one memset
-            layers = self.backbone.layers
+        layers, fused = self.backbone.layers, self._fuses_step(hidden)
+        r = layers[0].mixer.x_proj.out_features if len(layers) else 0  # dt_rank + 2 d_state
+        # One memset zeroes every layer's float32 sums: x_proj's, and with the fused step out_proj's.
+        d = self.config.d_model if fused else 0
+        scratch = hidden.new_zeros(len(layers), hidden.shape[0], d + r, dtype=torch.float32)
+        if fused:
             reads = [layer.mixer.in_proj.weight for layer in layers[1:]] + [self.lm_head.weight]
             ahead = [_head(w, layers[0].mixer.in_proj.weight) for w in reads]  # same bytes from each
             for i, layer in enumerate(layers):
                 normed, residual = layer._pre(hidden, residual)
-                hidden = layer.mixer.step_fused(normed, state, slots, scratch[i, :, : c.d_model],
-                                                scratch[i, :, c.d_model:], ahead[i])
+                hidden = layer.mixer.step_fused(normed, state, slots, scratch[i, :, :d], scratch[i, :, d:], ahead[i])
         else:
-            r = self.backbone.layers[0].mixer.x_proj.out_features if len(self.backbone.layers) else 0
-            xproj = hidden.new_zeros(len(self.backbone.layers), hidden.shape[0], r, dtype=torch.float32)  # one memset
-            for i, layer in enumerate(self.backbone.layers):
-                hidden, residual = layer.step(hidden, residual, state, slots, xproj[i])
-        backend = self.backbone.layers[0].mixer.backend if len(self.backbone.layers) else "ref"
+            for i, layer in enumerate(layers):
+                hidden, residual = layer.step(hidden, residual, state, slots, scratch[i])
+        backend = layers[0].mixer.backend if len(layers) else "ref"
         return small_linear(self.backbone._final(hidden, residual), self.lm_head.weight, None, backend)
 
     def _fuses_step(self, hidden: torch.Tensor) -> bool:
