@@ -10,6 +10,9 @@ all of it: each program streams its block of in_proj rows, runs the conv update 
 channels it produced, and adds its channels' share of x_proj atomically into ``x_proj_out``.
 (The block's RMSNorm stays a kernel of its own: recomputing it in every program re-read the
 fp32 residual stream from L2 once per program, which cost more than the launch it saved.)
+The fast kernel reads the slots' conv windows before it waits for the kernel launched just
+before it (programmatic dependent launch): that kernel must not write ``conv_state`` (in the
+decode step it is the block's norm).
 Shapes (glossary in ``kernels/__init__.py``, plus D = d_model, R = r + 2n): normed (b, D);
 in_weight (2d, D); conv_state (p, d, w - 1) with state_indices (b,); x_proj_weight (R, d);
 x_proj_out (b, R) float32, zeroed by the caller.

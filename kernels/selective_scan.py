@@ -119,7 +119,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                               state_indices=None, dt_proj_weight=None, A_is_log=False):
+                               state_indices=None, dt_proj_weight=None, A_is_log=False, early=False):
     """One recurrent step of the selective scan, updating ``state`` in place.
 
     state: (p, d, n) float32 pool; x: (b, d); dt: (b, d), or the low-rank (b, r) with
@@ -127,6 +127,10 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
     or A_log (d, n) with ``A_is_log`` (A = -exp(A_log)); B, C: (b, n); D: (d,) or None;
     z: (b, d) or None; dt_bias: (d,) or None; state_indices: (b,) int rows of the pool
     (None: row i for batch row i, p == b). Returns y: (b, d) in x.dtype.
+
+    ``early`` is a hint for the fast kernel, true where the kernel launched just before this one
+    does not write ``state`` (the decode step): the state rows and the constant inputs may then
+    be read while that kernel still runs (programmatic dependent launch). It changes no result.
     """
     if dt_proj_weight is not None:
         dt = dt.float() @ dt_proj_weight.float().T  # (b, d)
@@ -162,7 +166,7 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                           state_indices=None, dt_proj_weight=None, A_is_log=False, backend: str = "auto"):
+                           state_indices=None, dt_proj_weight=None, A_is_log=False, early=False, backend: str = "auto"):
     """One decode step in place on a state pool; same contract as :func:`selective_state_update_ref`."""
     chosen = resolve_backend(backend, "selective_state_update", x.device, "mamba_ssm", _triton_ops())
     if chosen == "cuda":
@@ -176,6 +180,6 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         from kernels.triton import selective_state_update_triton
 
         return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_indices,
-                                             dt_proj_weight, A_is_log)
+                                             dt_proj_weight, A_is_log, early)
     return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_indices,
-                                      dt_proj_weight, A_is_log)
+                                      dt_proj_weight, A_is_log, early)

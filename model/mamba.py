@@ -108,9 +108,10 @@ class MambaMixer(nn.Module):
         # would re-read dt_proj's weight once per sequence).
         fuse = x.shape[0] <= 16
         dt = dt_low if fuse else small_linear(dt_low, self.dt_proj.weight, None, self.backend, max_rows=None)
+        # early: the kernel just before (x_proj or dt_proj) does not write the state.
         y = selective_state_update(ssm_pool, x, dt, self.A_log, B, C, self.D, z, self.dt_proj.bias, True,
                                    state_indices=slots, dt_proj_weight=self.dt_proj.weight if fuse else None,
-                                   A_is_log=True, backend=self.backend)
+                                   A_is_log=True, early=True, backend=self.backend)
         return self.out_proj(y)
 
     def step_fused(self, normed, state: InferenceState, slots: torch.Tensor, out: torch.Tensor,
@@ -127,7 +128,7 @@ class MambaMixer(nn.Module):
         dt_low, B, C = xproj.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         y = selective_state_update(ssm_pool, x, dt_low, self.A_log, B, C, self.D, z, self.dt_proj.bias, True,
                                    state_indices=slots, dt_proj_weight=self.dt_proj.weight, A_is_log=True,
-                                   backend=self.backend)
+                                   early=True, backend=self.backend)
         return linear_accumulate(y, self.out_proj.weight, out, prefetch=ahead, backend=self.backend)
 
 

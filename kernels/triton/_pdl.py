@@ -11,8 +11,13 @@ still runs. Each decode kernel here
 2. waits for the previous kernel to complete (``gdc_wait``: all its writes visible);
 3. then lets the next kernel start, which prefetches in turn.
 
-Nothing is read or written before the wait but the prefetches, and every kernel waits before
-it completes, so when a kernel passes its wait every kernel before it has completed. Kernels
+Nothing is written before the wait, and every kernel waits before it completes, so when a
+kernel starts, every kernel but the one just before it has completed, and when it passes its
+wait, that one has too. So a kernel may read before its wait what the kernel just before it
+does not write: ``mixer_in`` reads its slots' conv windows there (the block's norm runs before
+it), and the state update, where its caller says so (``early``; in the decode step x_proj,
+dt_proj or ``mixer_in`` runs before it), its slots' states, A, D, the dt bias and at one row
+dt_proj's rows. Every other read comes after the wait. Kernels
 launched without the attribute (torch's) serialise as usual. CUDA graphs keep the
 dependencies as programmatic edges, so the captured decode step overlaps the same way.
 

@@ -30,10 +30,25 @@ def _mixer_in_kernel(a_in, w_in, cpool, cw, cb, idx, w_x, x_out, z_out, xp, nxt,
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm = rm < m
     if PREFETCH > 0:
         prefetch_rows(w_in, rn, s_win, 0, D, PREFETCH)
+    # The x programs read their slots' conv windows, the conv weights and bias before the wait:
+    # the kernel before this one (the block's norm) does not write the pool, and only this kernel
+    # does, a step earlier; the epilogue then waits on no memory read. One tile holds the w - 1
+    # inputs (oldest first) and one the same shifted by one, what the window keeps.
+    xn = rn < d  # all true in the x programs, all false in the z programs
+    WP: tl.constexpr = triton.next_power_of_2(W - 1)
+    jj = tl.arange(0, WP)
+    slot = tl.load(idx + rm, mask=mm, other=0).to(tl.int64)
+    base = cpool + slot[:, None, None] * s_cp + rn[None, :, None] * s_cd
+    mw = mm[:, None, None] & xn[None, :, None]
+    win = tl.load(base + jj[None, None, :] * s_cs, mask=mw & (jj < W - 1)[None, None, :], other=0.0)
+    shf = tl.load(base + (jj + 1)[None, None, :] * s_cs, mask=mw & (jj + 1 < W - 1)[None, None, :], other=0.0)
+    cwt = tl.load(cw + rn[:, None] * s_cw + jj[None, :], mask=xn[:, None] & (jj < W - 1)[None, :], other=0.0)
+    cwl = tl.load(cw + rn * s_cw + (W - 1), mask=xn, other=0.0).to(tl.float32)
+    cbv = tl.load(cb + rn, mask=xn, other=0.0).to(tl.float32) if HAS_CB else cwl * 0.0
     enter(PDL)
-    mm = rm < m
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in tl.range(0, D, BLOCK_K, num_stages=STAGES):
         kk = k0 + rk
@@ -48,19 +63,11 @@ def _mixer_in_kernel(a_in, w_in, cpool, cw, cb, idx, w_x, x_out, z_out, xp, nxt,
         if NEXT > 0:  # the z programs are done: the next kernels' weights, during the x programs' epilogue
             prefetch_span(nxt, (pid - d // BLOCK_N).to(tl.int64) * NEXT, nxt_bytes, NEXT)
     else:
-        # Conv update on these channels: window = [state (w - 1 inputs, oldest first), x].
-        slot = tl.load(idx + rm, mask=mm, other=0).to(tl.int64)
-        sp = cpool + slot[:, None] * s_cp + rn[None, :] * s_cd
-        c = tl.load(cw + rn * s_cw + (W - 1)).to(tl.float32)[None, :] * y.to(tl.float32)
-        if HAS_CB:
-            c += tl.load(cb + rn).to(tl.float32)[None, :]
-        prev = tl.load(sp, mask=mm[:, None], other=0.0)
-        c += tl.load(cw + rn * s_cw).to(tl.float32)[None, :] * prev.to(dt).to(tl.float32)
-        for k in tl.static_range(1, W - 1):  # shift left by one while accumulating
-            cur = tl.load(sp + k * s_cs, mask=mm[:, None], other=0.0)
-            c += tl.load(cw + rn * s_cw + k).to(tl.float32)[None, :] * cur.to(dt).to(tl.float32)
-            tl.store(sp + (k - 1) * s_cs, cur, mask=mm[:, None])
-        tl.store(sp + (W - 2) * s_cs, y.to(cpool.dtype.element_ty), mask=mm[:, None])
+        # Conv update on these channels: window = [state (w - 1 inputs), x], then shift left by one.
+        taps = win.to(dt).to(tl.float32) * cwt.to(tl.float32)[None, :, :]
+        c = cwl[None, :] * y.to(tl.float32) + cbv[None, :] + tl.sum(taps, axis=2)
+        new = tl.where((jj == W - 2)[None, None, :], y.to(cpool.dtype.element_ty)[:, :, None], shf)
+        tl.store(base + jj[None, None, :] * s_cs, new, mask=mw & (jj < W - 1)[None, None, :])
         u = silu(c, False).to(dt)
         tl.store(x_out + rm[:, None] * s_xo + rn[None, :], u, mask=mm[:, None])
         rr = tl.arange(0, BLOCK_R)

@@ -20,35 +20,69 @@ def _ssu_kernel(state, x, dt, A, B, C, D, z, dt_bias, out, idx, Wdt,
                 d, n, r, s_pool, s_d, s_n, s_xb, s_dtb, s_Ad, s_Bb, s_Cb, s_zb, s_ob, s_wd,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                 HAS_IDX: tl.constexpr, LOWRANK: tl.constexpr, A_IS_LOG: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, EARLY: tl.constexpr,
+                EARLY_W: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
     pid_d, b = tl.program_id(0), tl.program_id(1)
-    if PREFETCH > 0:  # this block's dt_proj rows
-        prefetch_rows(Wdt, tl.minimum(pid_d * BLOCK_D + tl.arange(0, BLOCK_D), d - 1), s_wd, 0, r, PREFETCH)
-    enter(PDL)
-    slot = tl.load(idx + b).to(tl.int64) if HAS_IDX else b.to(tl.int64)
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     rn = tl.arange(0, BLOCK_N)
     md, mn = rd < d, rn < n
     m2 = md[:, None] & mn[None, :]
-    hp = state + slot * s_pool + rd[:, None] * s_d + rn[None, :] * s_n
-    h = tl.load(hp, mask=m2, other=0.0).to(tl.float32)
-    xv = tl.load(x + b * s_xb + rd, mask=md, other=0.0).to(tl.float32)
-    if LOWRANK:  # dt = dt_proj(dt_low): (r,) @ (BLOCK_D, r)^T, fused here instead of a separate GEMM
+    if EARLY:
+        slot = tl.load(idx + b).to(tl.int64) if HAS_IDX else b.to(tl.int64)
+        hp = state + slot * s_pool + rd[:, None] * s_d + rn[None, :] * s_n
+        # The caller vouches that the kernel before this one does not write the state (``early``),
+        # and the kernels before that have completed: the slot's state, A, D, the dt bias (and at
+        # 16-channel blocks dt_proj's rows, as one tile) are read before the wait, off the step's path.
+        h = tl.load(hp, mask=m2, other=0.0).to(tl.float32)
+        a = tl.load(A + rd[:, None] * s_Ad + rn[None, :], mask=m2, other=0.0).to(tl.float32)
         dtv = tl.zeros((BLOCK_D,), tl.float32)
-        for r0 in range(0, r, BLOCK_R):
-            rr = r0 + tl.arange(0, BLOCK_R)
-            mr = rr < r
-            lo = tl.load(dt + b * s_dtb + rr, mask=mr, other=0.0).to(tl.float32)
-            wt = tl.load(Wdt + rd[:, None] * s_wd + rr[None, :], mask=md[:, None] & mr[None, :], other=0.0)
+        if HAS_BIAS:
+            dtv += tl.load(dt_bias + rd, mask=md, other=0.0).to(tl.float32)
+        dv = tl.load(D + rd, mask=md, other=0.0).to(tl.float32) if HAS_D else dtv
+        if LOWRANK and EARLY_W:
+            rr = tl.arange(0, BLOCK_R)
+            wt = tl.load(Wdt + rd[:, None] * s_wd + rr[None, :], mask=md[:, None] & (rr < r)[None, :], other=0.0)
+        elif PREFETCH > 0:
+            prefetch_rows(Wdt, tl.minimum(rd, d - 1), s_wd, 0, r, PREFETCH)
+        enter(PDL)
+        xv = tl.load(x + b * s_xb + rd, mask=md, other=0.0).to(tl.float32)
+        if LOWRANK and EARLY_W:
+            rr = tl.arange(0, BLOCK_R)
+            lo = tl.load(dt + b * s_dtb + rr, mask=rr < r, other=0.0).to(tl.float32)
             dtv += tl.sum(wt.to(tl.float32) * lo[None, :], axis=1)
+        elif LOWRANK:
+            for r0 in range(0, r, BLOCK_R):
+                rr = r0 + tl.arange(0, BLOCK_R)
+                mr = rr < r
+                lo = tl.load(dt + b * s_dtb + rr, mask=mr, other=0.0).to(tl.float32)
+                wt = tl.load(Wdt + rd[:, None] * s_wd + rr[None, :], mask=md[:, None] & mr[None, :], other=0.0)
+                dtv += tl.sum(wt.to(tl.float32) * lo[None, :], axis=1)
+        else:
+            dtv += tl.load(dt + b * s_dtb + rd, mask=md, other=0.0).to(tl.float32)
     else:
-        dtv = tl.load(dt + b * s_dtb + rd, mask=md, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        dtv += tl.load(dt_bias + rd, mask=md, other=0.0).to(tl.float32)
+        if PREFETCH > 0:  # this block's dt_proj rows
+            prefetch_rows(Wdt, tl.minimum(rd, d - 1), s_wd, 0, r, PREFETCH)
+        enter(PDL)
+        slot = tl.load(idx + b).to(tl.int64) if HAS_IDX else b.to(tl.int64)
+        hp = state + slot * s_pool + rd[:, None] * s_d + rn[None, :] * s_n
+        h = tl.load(hp, mask=m2, other=0.0).to(tl.float32)
+        xv = tl.load(x + b * s_xb + rd, mask=md, other=0.0).to(tl.float32)
+        if LOWRANK:  # dt = dt_proj(dt_low): (r,) @ (BLOCK_D, r)^T, fused here instead of a separate GEMM
+            dtv = tl.zeros((BLOCK_D,), tl.float32)
+            for r0 in range(0, r, BLOCK_R):
+                rr = r0 + tl.arange(0, BLOCK_R)
+                mr = rr < r
+                lo = tl.load(dt + b * s_dtb + rr, mask=mr, other=0.0).to(tl.float32)
+                wt = tl.load(Wdt + rd[:, None] * s_wd + rr[None, :], mask=md[:, None] & mr[None, :], other=0.0)
+                dtv += tl.sum(wt.to(tl.float32) * lo[None, :], axis=1)
+        else:
+            dtv = tl.load(dt + b * s_dtb + rd, mask=md, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dtv += tl.load(dt_bias + rd, mask=md, other=0.0).to(tl.float32)
+        a = tl.load(A + rd[:, None] * s_Ad + rn[None, :], mask=m2, other=0.0).to(tl.float32)
+        dv = tl.load(D + rd, mask=md, other=0.0).to(tl.float32) if HAS_D else dtv
     if SOFTPLUS:
         dtv = softplus(dtv, False)
-    a = tl.load(A + rd[:, None] * s_Ad + rn[None, :], mask=m2, other=0.0).to(tl.float32)
     if A_IS_LOG:
         a = -tl.exp(a)
     bv = tl.load(B + b * s_Bb + rn, mask=mn, other=0.0).to(tl.float32)
@@ -57,7 +91,7 @@ def _ssu_kernel(state, x, dt, A, B, C, D, z, dt_bias, out, idx, Wdt,
     tl.store(hp, h, mask=m2)
     y = tl.sum(h * cv[None, :], axis=1)
     if HAS_D:
-        y += xv * tl.load(D + rd, mask=md, other=0.0).to(tl.float32)
+        y += xv * dv
     if HAS_Z:
         zv = tl.load(z + b * s_zb + rd, mask=md, other=0.0).to(tl.float32)
         y *= silu(zv, False)
@@ -65,10 +99,11 @@ def _ssu_kernel(state, x, dt, A, B, C, D, z, dt_bias, out, idx, Wdt,
 
 
 def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                                  state_indices=None, dt_proj_weight=None, A_is_log=False):
+                                  state_indices=None, dt_proj_weight=None, A_is_log=False, early=False):
     """state: (p, d, n) float32 (or bfloat16 storage; the math is fp32), updated in place; x, z: (b, d); dt: (b, d), or (b, r) with
     dt_proj_weight (d, r); A: (d, n) (A_log with ``A_is_log``); B, C: (b, n) with unit stride
-    along n; D, dt_bias: (d,); state_indices: (b,) rows of the pool. Returns y: (b, d) in x.dtype."""
+    along n; D, dt_bias: (d,); state_indices: (b,) rows of the pool. Returns y: (b, d) in x.dtype.
+    ``early``: the kernel launched just before does not write ``state`` (see the reference)."""
     b, d = x.shape
     n = A.shape[-1]
     assert state.shape[1:] == (d, n), state.shape
@@ -83,6 +118,13 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     dummy = x  # unused pointer arguments must still be tensors
     if lowrank:  # whole decode steps replayed on an H100: B=1 2.609 -> 2.524 ms with 16, B=16 3.270 -> 3.228 with 64
         block_d = 16 if b == 1 else 64 if b >= 16 else 32
+    # Reads before the wait, whole decode steps replayed on an H100 with fp32 states
+    # (docs/performance.md): B=1 2.527 -> 2.472 ms, 2.446 with dt_proj's tile; B=4 2.707 -> 2.667;
+    # B=8 2.870 -> 2.827; B=256 9.140 -> 9.074. Slower with the low-rank form's 64-channel blocks
+    # (B=16: 3.096 -> 3.302), and dt_proj's tile pays only at 16-channel blocks (B=4: 2.94 ms with 32).
+    early = early and not (lowrank and block_d >= 64)
+    early_w = early and lowrank and block_d == 16 and r <= 256
+    block_r = triton.next_power_of_2(r) if early_w else 64
     grid = (triton.cdiv(d, block_d), b)
     _ssu_kernel[grid](state, x, dt, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
                       dt_bias if dt_bias is not None else dummy, out,
@@ -93,6 +135,6 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
                       dt_proj_weight.stride(0) if lowrank else 0,
                       HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
                       SOFTPLUS=dt_softplus, HAS_IDX=state_indices is not None, LOWRANK=lowrank, A_IS_LOG=A_is_log,
-                      BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=64,
+                      BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=block_r, EARLY=early, EARLY_W=early_w,
                       **pdl_args(x.device, dt_proj_weight, r if lowrank else 0))
     return out

@@ -102,8 +102,9 @@ def test_conv_on_pool_with_lengths(b, l):
     assert err < 1e-2 and torch.equal(p_tri, p_ref)
 
 
+@pytest.mark.parametrize("early", [False, True])
 @pytest.mark.parametrize("b", [1, 64, 256])
-def test_decode_kernels(b):
+def test_decode_kernels(b, early):
     g = torch.Generator(device="cuda").manual_seed(b)
     r = lambda *s: torch.randn(*s, device="cuda", generator=g)
     xz = r(b, 2 * D).bfloat16()
@@ -120,8 +121,8 @@ def test_decode_kernels(b):
     s_ref, s_tri = spool.clone(), spool.clone()
     y_ref = selective_state_update_ref(s_ref, xc_ref, dt, A, B, C, Dv, z, bias, True, state_indices=idx)
     y_tri = selective_state_update(s_tri, xc_ref, dt, A, B, C, Dv, z, bias, True, state_indices=idx,
-                                   backend="triton")
-    print(f"decode b={b}: conv rel err {_rel(xc_tri, xc_ref):.2e}, ssu y rel err {_rel(y_tri, y_ref):.2e}, "
+                                   early=early, backend="triton")
+    print(f"decode b={b} early={early}: conv rel err {_rel(xc_tri, xc_ref):.2e}, ssu y rel err {_rel(y_tri, y_ref):.2e}, "
           f"state rel err {_rel(s_tri, s_ref):.2e}")
     assert _rel(y_tri, y_ref) < 1e-2 and _rel(s_tri, s_ref) < 1e-5
 
@@ -152,8 +153,11 @@ def test_graph_decode_equals_prefill_on_gpu(b):
     assert err < 0.05 * scale
 
 
-@pytest.mark.parametrize("b", [1, 16])
-def test_fused_step_and_norm(b):
+@pytest.mark.parametrize("early", [False, True])
+@pytest.mark.parametrize("b", [1, 4, 16])
+def test_fused_step_and_norm(b, early):
+    """The state update with dt_proj folded in (16-, 32- and 64-channel blocks; ``early``: the
+    state, constants and at one row dt_proj's tile read before the wait), and add + RMSNorm."""
     from kernels import add_rms_norm, add_rms_norm_ref
 
     g = torch.Generator(device="cuda").manual_seed(b)
@@ -165,11 +169,11 @@ def test_fused_step_and_norm(b):
     p_ref, p_tri = pool.clone(), pool.clone()
     args = (xz[:, :D], dt_low, A_log, B, C, Dv, xz[:, D:], bias, True, idx, W, True)
     y_ref = selective_state_update_ref(p_ref, *args)
-    y_tri = selective_state_update(p_tri, *args, backend="triton")
+    y_tri = selective_state_update(p_tri, *args, early=early, backend="triton")
     x, res, w = r(b, 2560).bfloat16(), r(b, 2560), (1 + 0.1 * r(2560)).bfloat16()
     n_ref, r_ref = add_rms_norm_ref(x, res, w)
     n_tri, r_tri = add_rms_norm(x, res, w, backend="triton")
-    print(f"fused step b={b}: y rel err {_rel(y_tri, y_ref):.2e}, state {_rel(p_tri, p_ref):.2e}; "
+    print(f"fused step b={b} early={early}: y rel err {_rel(y_tri, y_ref):.2e}, state {_rel(p_tri, p_ref):.2e}; "
           f"norm rel err {_rel(n_tri, n_ref):.2e}")
     assert _rel(y_tri, y_ref) < 1e-2 and _rel(p_tri, p_ref) < 1e-5
     assert _rel(n_tri, n_ref) < 1e-2 and torch.equal(r_tri, r_ref)

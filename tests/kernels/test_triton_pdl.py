@@ -1,7 +1,8 @@
 """Programmatic dependent launch of the decode kernels, checked without a GPU: compiled for an
-H100 (sm_90), each kernel prefetches only weights before it waits for the previous kernel, and
-loads nothing before that wait; the prefetch of the next kernel's weights comes after the wait;
-and the launch is off wherever it cannot run."""
+H100 (sm_90), each kernel prefetches only weights before it waits for the previous kernel and
+writes nothing before that wait; only mixer_in (its conv windows) and the state update asked
+for ``early`` (its state and constants) load anything before it; the prefetch of the next
+kernel's weights comes after the wait; and the launch is off wherever it cannot run."""
 
 import pytest
 import torch
@@ -22,19 +23,24 @@ BF16 = "*bf16"
 KERNELS = {
     "mixer_in": (_mixer_in_kernel, dict.fromkeys(("a_in", "w_in", "cpool", "cw", "cb", "w_x", "x_out", "z_out"), BF16)
                  | {"idx": "*i64", "xp": "*fp32"},
-                 dict(HAS_CB=True, W=4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, BLOCK_R=256, STAGES=3), 512),
+                 dict(HAS_CB=True, W=4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, BLOCK_R=256, STAGES=3), 512, True),
     "out_proj": (_small_linear_kernel, {"x": BF16, "w": BF16, "bias": BF16, "y": "*fp32"},
-                 dict(HAS_BIAS=False, ACCUMULATE=True, MB=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, STAGES=4), 256),
+                 dict(HAS_BIAS=False, ACCUMULATE=True, MB=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, STAGES=4), 256, False),
     "state_update": (_ssu_kernel, dict.fromkeys(("state", "A", "D", "dt_bias"), "*fp32")
                      | dict.fromkeys(("x", "dt", "B", "C", "z", "out", "Wdt"), BF16) | {"idx": "*i64"},
                      dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_IDX=True, LOWRANK=True,
-                          A_IS_LOG=True, BLOCK_D=32, BLOCK_N=16, BLOCK_R=64), 256),
+                          A_IS_LOG=True, BLOCK_D=32, BLOCK_N=16, BLOCK_R=64, EARLY=False, EARLY_W=False), 256, False),
     "norm": (_add_rms_norm_kernel, {"x": BF16, "res": "*fp32", "w": BF16, "out": BF16, "res_out": "*fp32",
-                                    "eps": "fp32"}, dict(HAS_RES=True, BLOCK=4096), 0),
+                                    "eps": "fp32"}, dict(HAS_RES=True, BLOCK=4096), 0, False),
 }
+# The state update in the decode step: state and constants (and at one row dt_proj's tile) before the wait.
+KERNELS["state_update_early"] = (KERNELS["state_update"][0], KERNELS["state_update"][1],
+                                 KERNELS["state_update"][2] | dict(BLOCK_D=16, BLOCK_R=256, EARLY=True, EARLY_W=True),
+                                 0, True)
+
 
 def _ptx(name: str, on: bool, next_bytes: int = 0) -> str:
-    fn, pointers, consts, prefetch = KERNELS[name]  # prefetch: elements of each weight row
+    fn, pointers, consts, prefetch, _ = KERNELS[name]  # prefetch: elements of each weight row
     consts = consts | {"PDL": on, "PREFETCH": prefetch if on else 0}
     if "NEXT" in fn.arg_names:
         consts["NEXT"] = next_bytes if on else 0
@@ -45,17 +51,18 @@ def _ptx(name: str, on: bool, next_bytes: int = 0) -> str:
 
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
-def test_kernels_wait_for_the_previous_one_before_any_load(name):
+def test_kernels_wait_for_the_previous_one_before_touching_its_outputs(name):
     ptx = _ptx(name, True)
     wait, signal = ptx.find("griddepcontrol.wait"), ptx.find("griddepcontrol.launch_dependents")
-    loads = [i for i in (ptx.find("ld.global"), ptx.find("cp.async"), ptx.find("atom."), ptx.find("red."),
-                         ptx.find("st.global")) if i >= 0]
-    assert 0 <= wait < signal < min(loads)  # wait, let the next kernel start, then touch memory
+    first = lambda *ops: min([i for i in (ptx.find(op) for op in ops) if i >= 0], default=len(ptx))
+    assert 0 <= wait < signal < first("cp.async", "atom.global", "red.global", "st.global")  # no write, no pipelined load
+    early_loads = first("ld.global") < wait
+    assert early_loads == KERNELS[name][4]  # only the kernels that read state and constants early
     prefetches = [i for i in range(len(ptx)) if ptx.startswith("prefetch.global.L2", i)]
     if KERNELS[name][3]:  # every weight prefetch comes before the wait
         assert prefetches and max(prefetches) < wait
     else:
-        assert not prefetches
+        assert not prefetches or name == "state_update_early" and max(prefetches) < wait
     plain = _ptx(name, False)
     assert "griddepcontrol" not in plain and "prefetch" not in plain
 

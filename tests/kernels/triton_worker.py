@@ -27,9 +27,10 @@ def rng(seed):
 
 
 def state_update_cases():
-    for (b, d, n, pool, dtype) in [(1, 8, 4, 1, torch.float32), (3, 40, 16, 7, torch.float32),
-                                   (2, 24, 5, 4, torch.bfloat16), (4, 16, 16, 9, torch.float16),
-                                   (7, 40, 16, 11, torch.bfloat16)]:
+    # early: the state and constants read before the kernel's wait (the decode step's form).
+    for (b, d, n, pool, dtype, early) in [(1, 8, 4, 1, torch.float32, False), (3, 40, 16, 7, torch.float32, False),
+                                          (2, 24, 5, 4, torch.bfloat16, False), (4, 16, 16, 9, torch.float16, False),
+                                          (7, 40, 16, 11, torch.bfloat16, False), (3, 40, 16, 7, torch.float32, True)]:
         r = rng(b * 100 + d)
         x, dt, z = r(b, d).to(dtype), (r(b, d) * 0.5).to(dtype), r(b, d).to(dtype)
         A, B, C, D, bias = -torch.exp(r(d, n) * 0.5), r(b, n).to(dtype), r(b, n).to(dtype), r(d), r(d) * 0.1
@@ -39,8 +40,9 @@ def state_update_cases():
             state = state[:b].clone()
         s_ref, s_tri = state.clone(), state.clone()
         y_ref = K.selective_state_update_ref(s_ref, x, dt, A, B, C, D, z, bias, True, state_indices=idx)
-        y_tri = K.selective_state_update(s_tri, x, dt, A, B, C, D, z, bias, True, state_indices=idx, backend="triton")
-        record("selective_state_update", [b, d, n, pool], dtype, y_err=err(y_tri, y_ref), state_err=err(s_tri, s_ref),
+        y_tri = K.selective_state_update(s_tri, x, dt, A, B, C, D, z, bias, True, state_indices=idx, early=early,
+                                         backend="triton")
+        record("selective_state_update", [b, d, n, pool, early], dtype, y_err=err(y_tri, y_ref), state_err=err(s_tri, s_ref),
                y_scale=y_ref.float().abs().max().item(), same_dtype=y_tri.dtype == y_ref.dtype)
 
 
@@ -141,8 +143,10 @@ def conv_cases():
 
 def fused_cases():
     """selective_state_update with dt_proj folded in and A given as A_log; add_rms_norm."""
-    for (b, d, n, r_, dtype) in [(2, 40, 16, 5, torch.float32), (3, 64, 16, 70, torch.bfloat16),
-                                 (6, 48, 16, 20, torch.float32)]:
+    # early at one row also reads dt_proj's rows as one tile before the wait (16-channel blocks).
+    for (b, d, n, r_, dtype, early) in [(2, 40, 16, 5, torch.float32, False), (3, 64, 16, 70, torch.bfloat16, False),
+                                        (6, 48, 16, 20, torch.float32, False), (1, 40, 16, 20, torch.float32, True),
+                                        (3, 64, 16, 70, torch.bfloat16, True)]:
         r = rng(b * 3 + d)
         xproj = r(b, r_ + 2 * n).to(dtype)
         dt_low, B, C = xproj.split([r_, n, n], dim=-1)  # strided views, as the mixer passes them
@@ -151,9 +155,9 @@ def fused_cases():
         pool, idx = r(b + 2, d, n), torch.randperm(b + 2)[:b]
         p_ref, p_tri = pool.clone(), pool.clone()
         y_ref = K.selective_state_update_ref(p_ref, x, dt_low, A_log, B, C, D, z, bias, True, idx, W, True)
-        y_tri = K.selective_state_update(p_tri, x, dt_low, A_log, B, C, D, z, bias, True, idx, W, True,
+        y_tri = K.selective_state_update(p_tri, x, dt_low, A_log, B, C, D, z, bias, True, idx, W, True, early,
                                          backend="triton")
-        record("selective_state_update_lowrank", [b, d, n, r_], dtype, y_err=err(y_tri, y_ref),
+        record("selective_state_update_lowrank", [b, d, n, r_, early], dtype, y_err=err(y_tri, y_ref),
                state_err=err(p_tri, p_ref), y_scale=y_ref.float().abs().max().item(),
                same_dtype=y_tri.dtype == y_ref.dtype)
     for (rows, D_, dtype, has_res, fp32) in [(3, 40, torch.float32, False, True), (5, 100, torch.bfloat16, True, True),
@@ -204,18 +208,20 @@ def linear_cases():
 
 def mixer_in_cases():
     """The fused in_proj + conv update + x_proj; "state" is the conv pool."""
-    for (b, D_, d, R_, dtype) in [(1, 48, 32, 13, torch.float32), (3, 40, 48, 20, torch.float16),
-                                  (2, 64, 64, 9, torch.float16)]:
+    # Conv widths 4, 3 and 2: the window tile is padded to a power of two.
+    for (b, D_, d, R_, dtype, w) in [(1, 48, 32, 13, torch.float32, 4), (3, 40, 48, 20, torch.float16, 4),
+                                     (2, 64, 64, 9, torch.float16, 4), (2, 40, 32, 9, torch.float32, 3),
+                                     (3, 40, 32, 9, torch.float32, 2)]:
         r = rng(b * 11 + D_)
         normed, w_in, w_x = r(b, 2 * D_).to(dtype)[:, :D_], (r(2 * d, D_) * 0.2).to(dtype), (r(R_, d) * 0.2).to(dtype)
-        pool, idx, cw, cb = r(b + 3, d, 3).to(dtype), torch.randperm(b + 3)[:b], r(d, 4).to(dtype), r(d).to(dtype)
+        pool, idx, cw, cb = r(b + 3, d, w - 1).to(dtype), torch.randperm(b + 3)[:b], r(d, w).to(dtype), r(d).to(dtype)
         outs = []
         for backend in ("ref", "triton"):
             p, xp = pool.clone(), torch.zeros(b, R_)
             x, z = K.mixer_in(normed, w_in, p, cw, cb, idx, w_x, xp, backend=backend)
             outs.append((torch.cat([x, z], 1), p, xp))
         (y_ref, p_ref, x_ref), (y_tri, p_tri, x_tri) = outs
-        record("mixer_in", [b, D_, d, R_], dtype, y_err=err(y_tri, y_ref), state_err=err(p_tri, p_ref),
+        record("mixer_in", [b, D_, d, R_, w], dtype, y_err=err(y_tri, y_ref), state_err=err(p_tri, p_ref),
                y_scale=y_ref.float().abs().max().item(), same_dtype=y_tri.dtype == y_ref.dtype)
         # x_proj: the reference rounds its product to the input dtype, the kernel keeps fp32 sums.
         record("mixer_in_xproj", [b, D_, d, R_], dtype, y_err=err(x_tri, x_ref), state_err=0.0,
