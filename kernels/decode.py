@@ -9,7 +9,9 @@ small element-wise kernels whose launches cost as much as their work. One Triton
 all of it: each program streams its block of in_proj rows, runs the conv update on the x
 channels it produced, and adds its channels' share of x_proj atomically into ``x_proj_out``.
 (The block's RMSNorm stays a kernel of its own: recomputing it in every program re-read the
-fp32 residual stream from L2 once per program, which cost more than the launch it saved.)
+fp32 residual stream from L2 once per program, which cost more than the launch it saved; and
+folding it into the weight stream, sums of squares in the loop and 1/rms applied to the dot's
+sums, slowed the stream more: the dot's operand then comes from registers, docs/performance.md.)
 The fast kernel reads the slots' conv windows before it waits for the kernel launched just
 before it (programmatic dependent launch): that kernel must not write ``conv_state`` (in the
 decode step it is the block's norm).
