@@ -230,6 +230,8 @@ def mixer_in_rows(sweep: bool) -> list[dict]:
         rows.append({"kernel": "in_proj+conv+x_proj", "impl": "3 kernels", "shape": [m], "ms": ms, "TB/s": gb / ms})
         for cfg in [None] + ([(bn, bk, st, w_) for bn in (16, 32, 64) for bk in (64, 128, 256) for st, w_ in
                               ((3, 4), (4, 4), (4, 8))] if sweep and m != 4 else []):
+            # Back to back on one pool, so the early reads of the conv windows race with the call
+            # before: the values are meaningless, the timing is not (the model runs its norm between).
             ms = bench_cold(lambda w_in, w_x: mixer_in_triton(normed, w_in, pool, cw, cb, idx, w_x, xp, cfg), ws)
             rows.append({"kernel": "in_proj+conv+x_proj", "impl": "triton mixer_in", "config": cfg, "shape": [m],
                          "ms": ms, "TB/s": gb / ms})

@@ -32,7 +32,8 @@ from kernels.selective_scan import _triton_ops
 
 def mixer_in_ref(normed, in_weight, conv_state, conv_weight, conv_bias, state_indices, x_proj_weight, x_proj_out,
                  prefetch=None):
-    """Returns ``(x, z)``: x (b, d) after conv and SiLU, z (b, d), in normed's dtype. Updates the
+    """Returns ``(x, z)``: x (b, d) after conv and SiLU, z (b, d), in normed's dtype (the fast
+    kernel's caller must not launch it right after a kernel that writes ``conv_state``). Updates the
     ``conv_state`` rows and adds x's projection into ``x_proj_out`` in place. ``prefetch`` (a
     contiguous tensor, e.g. the start of out_proj's weight) is a hint for the fast kernel, whose
     z programs ask L2 to fetch it once their rows are done; it changes no result."""
@@ -55,7 +56,9 @@ def mixer_in_fusable(rows: int, d_inner: int, device, backend: str = "auto", gra
 
 def mixer_in(normed, in_weight, conv_state, conv_weight, conv_bias, state_indices, x_proj_weight, x_proj_out,
              prefetch=None, backend: str = "auto"):
-    """Same contract as :func:`mixer_in_ref`; there is no peer kernel, so ``cuda`` runs the reference."""
+    """Same contract as :func:`mixer_in_ref`; there is no peer kernel, so ``cuda`` runs the reference.
+    The Triton kernel reads ``conv_state`` before it waits for the kernel launched just before it
+    (module docstring): that kernel must not write ``conv_state``."""
     args = (normed, in_weight, conv_state, conv_weight, conv_bias, state_indices, x_proj_weight, x_proj_out)
     if backend != "cuda":
         chosen = resolve_backend(backend, "mixer_in", normed.device, None, _triton_ops(), needs_grad(normed, in_weight))

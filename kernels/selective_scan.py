@@ -130,7 +130,8 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
 
     ``early`` is a hint for the fast kernel, true where the kernel launched just before this one
     does not write ``state`` (the decode step): the state rows and the constant inputs may then
-    be read while that kernel still runs (programmatic dependent launch). It changes no result.
+    be read while that kernel still runs (programmatic dependent launch). It changes no result
+    beyond float32 rounding: at one row the fast kernel then sums dt_proj's products as one tile.
     """
     if dt_proj_weight is not None:
         dt = dt.float() @ dt_proj_weight.float().T  # (b, d)

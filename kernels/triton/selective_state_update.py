@@ -36,8 +36,7 @@ def _ssu_kernel(state, x, dt, A, B, C, D, z, dt_bias, out, idx, Wdt,
         h = tl.load(hp, mask=m2, other=0.0).to(tl.float32)
         a = tl.load(A + rd[:, None] * s_Ad + rn[None, :], mask=m2, other=0.0).to(tl.float32)
         dtv = tl.zeros((BLOCK_D,), tl.float32)
-        if HAS_BIAS:
-            dtv += tl.load(dt_bias + rd, mask=md, other=0.0).to(tl.float32)
+        bias = tl.load(dt_bias + rd, mask=md, other=0.0).to(tl.float32) if HAS_BIAS else dtv
         dv = tl.load(D + rd, mask=md, other=0.0).to(tl.float32) if HAS_D else dtv
         if LOWRANK and EARLY_W:
             rr = tl.arange(0, BLOCK_R)
@@ -59,6 +58,8 @@ def _ssu_kernel(state, x, dt, A, B, C, D, z, dt_bias, out, idx, Wdt,
                 dtv += tl.sum(wt.to(tl.float32) * lo[None, :], axis=1)
         else:
             dtv += tl.load(dt + b * s_dtb + rd, mask=md, other=0.0).to(tl.float32)
+        if HAS_BIAS:  # after the sum, as below
+            dtv += bias
     else:
         if PREFETCH > 0:  # this block's dt_proj rows
             prefetch_rows(Wdt, tl.minimum(rd, d - 1), s_wd, 0, r, PREFETCH)

@@ -4,6 +4,8 @@ writes nothing before that wait; only mixer_in (its conv windows) and the state 
 for ``early`` (its state and constants) load anything before it; the prefetch of the next
 kernel's weights comes after the wait; and the launch is off wherever it cannot run."""
 
+import re
+
 import pytest
 import torch
 
@@ -33,19 +35,30 @@ KERNELS = {
     "norm": (_add_rms_norm_kernel, {"x": BF16, "res": "*fp32", "w": BF16, "out": BF16, "res_out": "*fp32",
                                     "eps": "fp32"}, dict(HAS_RES=True, BLOCK=4096), 0, False),
 }
-# The state update in the decode step: state and constants (and at one row dt_proj's tile) before the wait.
-KERNELS["state_update_early"] = (KERNELS["state_update"][0], KERNELS["state_update"][1],
-                                 KERNELS["state_update"][2] | dict(BLOCK_D=16, BLOCK_R=256, EARLY=True, EARLY_W=True),
+# The state update in the decode step: state and constants (and at one row dt_proj's tile) before the wait;
+# at 32-channel blocks it still prefetches dt_proj's rows into L2 there instead.
+_SSU = KERNELS["state_update"]
+KERNELS["state_update_early"] = (_SSU[0], _SSU[1], _SSU[2] | dict(BLOCK_D=16, BLOCK_R=256, EARLY=True, EARLY_W=True),
                                  0, True)
+KERNELS["state_update_early32"] = (_SSU[0], _SSU[1], _SSU[2] | dict(EARLY=True), 256, True)
+# What a kernel may read before its wait: what the kernel launched just before it does not write.
+EARLY_SOURCES = {"mixer_in": {"cpool", "cw", "cb", "idx"},
+                 "state_update_early": {"state", "A", "D", "dt_bias", "idx", "Wdt"},
+                 "state_update_early32": {"state", "A", "D", "dt_bias", "idx", "Wdt"}}
 
 
-def _ptx(name: str, on: bool, next_bytes: int = 0) -> str:
+def _signature(name: str, on: bool, next_bytes: int = 0) -> tuple:
     fn, pointers, consts, prefetch, _ = KERNELS[name]  # prefetch: elements of each weight row
     consts = consts | {"PDL": on, "PREFETCH": prefetch if on else 0}
     if "NEXT" in fn.arg_names:
         consts["NEXT"] = next_bytes if on else 0
     pointers = pointers | {"nxt": BF16}
     signature = {a: pointers.get(a, "constexpr" if a in consts else "i32") for a in fn.arg_names}
+    return fn, signature, consts
+
+
+def _ptx(name: str, on: bool, next_bytes: int = 0) -> str:
+    fn, signature, consts = _signature(name, on, next_bytes)
     src = ASTSource(fn, signature=signature, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"launch_pdl": on}).asm["ptx"]
 
@@ -56,15 +69,46 @@ def test_kernels_wait_for_the_previous_one_before_touching_its_outputs(name):
     wait, signal = ptx.find("griddepcontrol.wait"), ptx.find("griddepcontrol.launch_dependents")
     first = lambda *ops: min([i for i in (ptx.find(op) for op in ops) if i >= 0], default=len(ptx))
     assert 0 <= wait < signal < first("cp.async", "atom.global", "red.global", "st.global")  # no write, no pipelined load
-    early_loads = first("ld.global") < wait
-    assert early_loads == KERNELS[name][4]  # only the kernels that read state and constants early
+    sources = _early_load_sources(name, ptx[:wait])
+    assert bool(sources) == KERNELS[name][4]  # only the kernels that read state and constants early
+    for src in sources:  # and their addresses derive only from what the kernel before does not write
+        assert src and src <= EARLY_SOURCES[name], src
     prefetches = [i for i in range(len(ptx)) if ptx.startswith("prefetch.global.L2", i)]
     if KERNELS[name][3]:  # every weight prefetch comes before the wait
         assert prefetches and max(prefetches) < wait
     else:
-        assert not prefetches or name == "state_update_early" and max(prefetches) < wait
+        assert not prefetches
     plain = _ptx(name, False)
     assert "griddepcontrol" not in plain and "prefetch" not in plain
+
+
+def _early_load_sources(name: str, ptx: str) -> list[set]:
+    """For each global load in ``ptx`` (straight-line code before the wait), the pointer
+    arguments its address derives from: registers carry the arguments of every register they
+    are computed from, and a loaded value those of its address (a slot index, say)."""
+    fn, signature, _ = _signature(name, True)
+    params = [a for a in fn.arg_names if signature[a] != "constexpr"]
+    taint: dict[str, set] = {}
+    sources = []
+    for line in ptx.splitlines():
+        line = re.sub(r"^\s*@!?%\w+\s+", "", line.strip())
+        m = re.match(r"ld\.param\.\w+\s+(%\w+),\s*\[\w+_param_(\d+)\]", line)
+        if m:
+            k = int(m.group(2))  # pointers only: sizes and strides say nothing about what is read
+            taint[m.group(1)] = {params[k]} if k < len(params) and signature[params[k]].startswith("*") else set()
+            continue
+        regs = re.findall(r"%\w+", line)
+        if line.startswith("ld.global"):
+            addr = re.search(r"\[\s*(%\w+)", line).group(1)
+            src = set(taint.get(addr, set()))
+            sources.append(src)
+            for reg in re.findall(r"%\w+", line.split("[")[0]):  # the loaded registers
+                taint[reg] = taint.get(reg, set()) | src
+        elif regs:
+            src = set().union(*(taint.get(r, set()) for r in regs[1:]))
+            if src:
+                taint[regs[0]] = taint.get(regs[0], set()) | src
+    return sources
 
 
 def test_launch_is_off_where_it_cannot_run(monkeypatch):
