@@ -16,6 +16,25 @@ from kernels.triton._pdl import enter, pdl_args, prefetch_rows
 
 
 @triton.jit
+def _slot_state(state, idx, b, rd, rn, m2, s_pool, s_d, s_n, HAS_IDX: tl.constexpr):
+    """The slot's state rows: their pointers and their values in float32."""
+    slot = tl.load(idx + b).to(tl.int64) if HAS_IDX else b.to(tl.int64)
+    hp = state + slot * s_pool + rd[:, None] * s_d + rn[None, :] * s_n
+    return hp, tl.load(hp, mask=m2, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _constants(A, D, dt_bias, rd, rn, md, m2, s_Ad, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """A, the dt bias and D of these channels in float32 (zeros where absent)."""
+    a = tl.load(A + rd[:, None] * s_Ad + rn[None, :], mask=m2, other=0.0).to(tl.float32)
+    zero = tl.zeros((BLOCK_D,), tl.float32)
+    bias = tl.load(dt_bias + rd, mask=md, other=0.0).to(tl.float32) if HAS_BIAS else zero
+    dv = tl.load(D + rd, mask=md, other=0.0).to(tl.float32) if HAS_D else zero
+    return a, bias, dv
+
+
+@triton.jit
 def _ssu_kernel(state, x, dt, A, B, C, D, z, dt_bias, out, idx, Wdt,
                 d, n, r, s_pool, s_d, s_n, s_xb, s_dtb, s_Ad, s_Bb, s_Cb, s_zb, s_ob, s_wd,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -28,60 +47,38 @@ def _ssu_kernel(state, x, dt, A, B, C, D, z, dt_bias, out, idx, Wdt,
     md, mn = rd < d, rn < n
     m2 = md[:, None] & mn[None, :]
     if EARLY:
-        slot = tl.load(idx + b).to(tl.int64) if HAS_IDX else b.to(tl.int64)
-        hp = state + slot * s_pool + rd[:, None] * s_d + rn[None, :] * s_n
         # The caller vouches that the kernel before this one does not write the state (``early``),
         # and the kernels before that have completed: the slot's state, A, D, the dt bias (and at
         # 16-channel blocks dt_proj's rows, as one tile) are read before the wait, off the step's path.
-        h = tl.load(hp, mask=m2, other=0.0).to(tl.float32)
-        a = tl.load(A + rd[:, None] * s_Ad + rn[None, :], mask=m2, other=0.0).to(tl.float32)
-        dtv = tl.zeros((BLOCK_D,), tl.float32)
-        bias = tl.load(dt_bias + rd, mask=md, other=0.0).to(tl.float32) if HAS_BIAS else dtv
-        dv = tl.load(D + rd, mask=md, other=0.0).to(tl.float32) if HAS_D else dtv
+        hp, h = _slot_state(state, idx, b, rd, rn, m2, s_pool, s_d, s_n, HAS_IDX)
+        a, bias, dv = _constants(A, D, dt_bias, rd, rn, md, m2, s_Ad, HAS_D, HAS_BIAS, BLOCK_D)
         if LOWRANK and EARLY_W:
             rr = tl.arange(0, BLOCK_R)
             wt = tl.load(Wdt + rd[:, None] * s_wd + rr[None, :], mask=md[:, None] & (rr < r)[None, :], other=0.0)
-        elif PREFETCH > 0:
-            prefetch_rows(Wdt, tl.minimum(rd, d - 1), s_wd, 0, r, PREFETCH)
-        enter(PDL)
-        xv = tl.load(x + b * s_xb + rd, mask=md, other=0.0).to(tl.float32)
-        if LOWRANK and EARLY_W:
-            rr = tl.arange(0, BLOCK_R)
-            lo = tl.load(dt + b * s_dtb + rr, mask=rr < r, other=0.0).to(tl.float32)
+    if PREFETCH > 0 and not (LOWRANK and EARLY_W):  # this block's dt_proj rows
+        prefetch_rows(Wdt, tl.minimum(rd, d - 1), s_wd, 0, r, PREFETCH)
+    enter(PDL)
+    if not EARLY:
+        hp, h = _slot_state(state, idx, b, rd, rn, m2, s_pool, s_d, s_n, HAS_IDX)
+    xv = tl.load(x + b * s_xb + rd, mask=md, other=0.0).to(tl.float32)
+    dtv = tl.zeros((BLOCK_D,), tl.float32)
+    if LOWRANK and EARLY_W:
+        rr = tl.arange(0, BLOCK_R)
+        lo = tl.load(dt + b * s_dtb + rr, mask=rr < r, other=0.0).to(tl.float32)
+        dtv += tl.sum(wt.to(tl.float32) * lo[None, :], axis=1)
+    elif LOWRANK:  # dt = dt_proj(dt_low): (r,) @ (BLOCK_D, r)^T, fused here instead of a separate GEMM
+        for r0 in range(0, r, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            mr = rr < r
+            lo = tl.load(dt + b * s_dtb + rr, mask=mr, other=0.0).to(tl.float32)
+            wt = tl.load(Wdt + rd[:, None] * s_wd + rr[None, :], mask=md[:, None] & mr[None, :], other=0.0)
             dtv += tl.sum(wt.to(tl.float32) * lo[None, :], axis=1)
-        elif LOWRANK:
-            for r0 in range(0, r, BLOCK_R):
-                rr = r0 + tl.arange(0, BLOCK_R)
-                mr = rr < r
-                lo = tl.load(dt + b * s_dtb + rr, mask=mr, other=0.0).to(tl.float32)
-                wt = tl.load(Wdt + rd[:, None] * s_wd + rr[None, :], mask=md[:, None] & mr[None, :], other=0.0)
-                dtv += tl.sum(wt.to(tl.float32) * lo[None, :], axis=1)
-        else:
-            dtv += tl.load(dt + b * s_dtb + rd, mask=md, other=0.0).to(tl.float32)
-        if HAS_BIAS:  # after the sum, as below
-            dtv += bias
     else:
-        if PREFETCH > 0:  # this block's dt_proj rows
-            prefetch_rows(Wdt, tl.minimum(rd, d - 1), s_wd, 0, r, PREFETCH)
-        enter(PDL)
-        slot = tl.load(idx + b).to(tl.int64) if HAS_IDX else b.to(tl.int64)
-        hp = state + slot * s_pool + rd[:, None] * s_d + rn[None, :] * s_n
-        h = tl.load(hp, mask=m2, other=0.0).to(tl.float32)
-        xv = tl.load(x + b * s_xb + rd, mask=md, other=0.0).to(tl.float32)
-        if LOWRANK:  # dt = dt_proj(dt_low): (r,) @ (BLOCK_D, r)^T, fused here instead of a separate GEMM
-            dtv = tl.zeros((BLOCK_D,), tl.float32)
-            for r0 in range(0, r, BLOCK_R):
-                rr = r0 + tl.arange(0, BLOCK_R)
-                mr = rr < r
-                lo = tl.load(dt + b * s_dtb + rr, mask=mr, other=0.0).to(tl.float32)
-                wt = tl.load(Wdt + rd[:, None] * s_wd + rr[None, :], mask=md[:, None] & mr[None, :], other=0.0)
-                dtv += tl.sum(wt.to(tl.float32) * lo[None, :], axis=1)
-        else:
-            dtv = tl.load(dt + b * s_dtb + rd, mask=md, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dtv += tl.load(dt_bias + rd, mask=md, other=0.0).to(tl.float32)
-        a = tl.load(A + rd[:, None] * s_Ad + rn[None, :], mask=m2, other=0.0).to(tl.float32)
-        dv = tl.load(D + rd, mask=md, other=0.0).to(tl.float32) if HAS_D else dtv
+        dtv += tl.load(dt + b * s_dtb + rd, mask=md, other=0.0).to(tl.float32)
+    if not EARLY:  # after dt's loads: measured faster with the low-rank form's 64-channel blocks (B=16)
+        a, bias, dv = _constants(A, D, dt_bias, rd, rn, md, m2, s_Ad, HAS_D, HAS_BIAS, BLOCK_D)
+    if HAS_BIAS:
+        dtv += bias
     if SOFTPLUS:
         dtv = softplus(dtv, False)
     if A_IS_LOG:
