@@ -249,10 +249,33 @@ def fused_step_cases():
                y_scale=full.abs().max().item(), same_dtype=True)
 
 
+def unfused_step_cases():
+    """Past 16 rows the step runs in_proj and out_proj as GEMMs and the conv update + x_proj
+    (conv_xproj), dt_proj and the state update as our kernels: its decode steps equal the parallel
+    prefill too."""
+    from model.config import MambaConfig
+    from model.mamba import MambaLM
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        lm = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=64), backend="ref").init_weights(0)
+        ids = torch.randint(0, 64, (18, 4))
+        full = lm(ids)
+        state, slots = lm.allocate_state(20), torch.randperm(20)[:18]
+        lm(ids[:, :2], state=state, slots=slots)
+        lm.set_backend("triton")
+        assert not lm._fuses_step(ids[:, 0].float()), "18 rows take the unfused step"
+        steps = [lm.step(ids[:, t], state=state, slots=slots) for t in range(2, 4)]
+    y_err = max(err(s, full[:, t]) for s, t in zip(steps, range(2, 4)))
+    record("unfused_decode_step", [18, 16, 2], torch.float32, y_err=y_err, state_err=0.0,
+           y_scale=full.abs().max().item(), same_dtype=True)
+
+
 state_update_cases()
 linear_cases()
 mixer_in_cases()
 fused_step_cases()
+unfused_step_cases()
 fused_cases()
 scan_cases()
 scan_variant_cases()
