@@ -10,8 +10,9 @@ max_length changes). Definitions, the same for every system:
   tokens and launches eagerly beyond (the JSON also has the eager figure, prefill_eager_tok_s);
 - decode tok/s  = b * new / (time of prompt + new tokens - prefill time);
 - ours (engine): requests through :class:`server.engine.Engine` (admission, batched prefill,
-  CUDA-graph decode, per-request sampling and detokenizing); ours (graph loop): the model's
-  captured decode step + argmax in a plain loop, the same work mamba-ssm's ``generate`` does;
+  CUDA-graph decode, per-request sampling and detokenizing); ours (graph loop): the engine's
+  captured decode step (with the greedy argmax inside it) in a plain loop, the same work
+  mamba-ssm's ``generate`` does;
 - prefill latency (``--prefill-shapes``, ours only): one prefill of each batch x prompt shape
   launched eagerly and on the engine's path, which shows what the prefill graphs save where the
   host's launches, not the GPU, bound a prefill;
@@ -139,9 +140,11 @@ def graph_loop(engine, model, ids, new):
     engine.state.reset(slots)
     tok = engine.prefill_logits(ids, None, slots, None).argmax(-1)
     for _ in range(new - 1):
-        logits = engine.graphs.step(tok, slots) if engine.graphs is not None else model.step(
-            tok, state=engine.state, slots=slots)
-        tok = logits.argmax(-1)
+        if engine.graphs is not None:
+            engine.graphs.step(tok, slots)
+            tok = engine.graphs.argmax  # taken inside the graph, as the engine's greedy rows do
+        else:
+            tok = model.step(tok, state=engine.state, slots=slots).argmax(-1)
     return tok
 
 

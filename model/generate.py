@@ -81,15 +81,21 @@ def to_device(data, device, dtype: torch.dtype | None = None) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def pick_tokens(logits: torch.Tensor, decoders: list[SequenceDecoder], mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Sample one token per row of logits (b, V) with each row's own parameters."""
-    if mask is not None:
-        logits = logits.masked_fill(mask, float("-inf"))
-    dev = logits.device
+def pick_tokens(logits: torch.Tensor, decoders: list[SequenceDecoder], mask: torch.Tensor | None = None,
+                argmax: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample one token per row of logits (b, V) with each row's own parameters. ``argmax``: the
+    rows' argmax of the masked logits where already taken (a decode graph's), used when every
+    row is greedy."""
     ps = [d.params for d in decoders]
     penalised = any(p.presence_penalty or p.frequency_penalty for p in ps)
-    if not penalised and all(p.temperature == 0 for p in ps):
-        return logits.argmax(-1)  # decided on the host: no device sync before the token read
+    greedy = not penalised and all(p.temperature == 0 for p in ps)  # decided on the host: no device sync
+    if greedy and argmax is not None:
+        return argmax
+    if mask is not None:
+        logits = logits.masked_fill(mask, float("-inf"))
+    if greedy:
+        return logits.argmax(-1)
+    dev = logits.device
     logits = logits.float()
     if penalised:
         pres = to_device([p.presence_penalty for p in ps], dev, torch.float32)

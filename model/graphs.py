@@ -11,7 +11,9 @@ images (:class:`GraphEncoder`). Invariants of the decode graphs:
   sequence owns, so padding a batch up to its bucket never touches a live state;
 - every graph writes into the same pool (``state``), in place, so the slots stay the single
   source of truth between graph steps, eager prefill and the session cache;
-- the returned logits are a view of the graph's output buffer, valid until the next replay.
+- the returned logits are a view of the graph's output buffer, valid until the next replay;
+- given a vocabulary mask, the decode graphs also mask the logits in place and take their
+  argmax, so a greedy batch needs no kernel of its own between replays (:attr:`GraphDecoder.argmax`).
 """
 
 from __future__ import annotations
@@ -61,25 +63,33 @@ class GraphDecoder:
     """``step(ids, slots)`` like ``model.step``, replayed from a captured CUDA graph.
 
     model: anything with ``step(input_ids (b,), *, state, slots (b,)) -> logits (b, V)``;
-    state: the InferenceState pool the engine uses; scratch_slot: a pool row reserved for padding.
-    Batches larger than the largest bucket run eagerly.
+    state: the InferenceState pool the engine uses; scratch_slot: a pool row reserved for padding;
+    mask: (V,) bool or None, ids never to be sampled: the step sets their logits to -inf and
+    keeps the argmax of the masked logits in :attr:`argmax`, (b,) long, valid until the next step.
+    Batches larger than the largest bucket run eagerly, the same way.
     """
 
-    def __init__(self, model, state, scratch_slot: int, max_batch: int):
-        self.model, self.state, self.scratch = model, state, scratch_slot
+    def __init__(self, model, state, scratch_slot: int, max_batch: int, mask: torch.Tensor | None = None):
+        self.model, self.state, self.scratch, self.mask = model, state, scratch_slot, mask
         self.device = state.ssm.device
         self.buckets = buckets_for(max_batch)
         top = self.buckets[-1]
         self.ids = torch.zeros(top, dtype=torch.long, device=self.device)
         self.slots = torch.full((top,), scratch_slot, dtype=torch.long, device=self.device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.argmax: torch.Tensor | None = None
+
+    def _run(self, input_ids: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model.step(input_ids, state=self.state, slots=slots)
+        if self.mask is not None:
+            logits.masked_fill_(self.mask, float("-inf"))
+        return logits, logits.argmax(-1)
 
     @torch.inference_mode()
     def capture(self) -> "GraphDecoder":
         """Capture every bucket, largest first so the smaller ones reuse its memory pool."""
         self.slots.fill_(self.scratch)
-        self.graphs = capture_graphs(self.device, self.buckets[::-1], lambda b: self.model.step(
-            self.ids[:b], state=self.state, slots=self.slots[:b]))
+        self.graphs = capture_graphs(self.device, self.buckets[::-1], lambda b: self._run(self.ids[:b], self.slots[:b]))
         log.info("captured decode graphs for batch sizes %s", self.buckets)
         return self
 
@@ -87,17 +97,19 @@ class GraphDecoder:
         return bucket_for(self.buckets, b)
 
     def step(self, input_ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """input_ids, slots: (b,) on the device -> logits (b, V)."""
+        """input_ids, slots: (b,) on the device -> logits (b, V), masked if a mask was given."""
         b = input_ids.shape[0]
         size = self.bucket(b)
         if size is None:
-            return self.model.step(input_ids, state=self.state, slots=slots)
+            logits, self.argmax = self._run(input_ids, slots)
+            return logits
         self.ids[:b].copy_(input_ids)
         self.slots[:b].copy_(slots)
         self.slots[b:size].fill_(self.scratch)
-        graph, out = self.graphs[size]
+        graph, (logits, argmax) = self.graphs[size]
         graph.replay()
-        return out[:b]
+        self.argmax = argmax[:b]
+        return logits[:b]
 
 
 # Prompt lengths prefill graphs are captured at: fine steps for short prompts, 128 tokens apart beyond 256.

@@ -46,7 +46,7 @@ class _Inflight:
     """A launched decode step whose sampled tokens the host has not read yet."""
 
     reqs: list[EngineRequest]
-    tokens: torch.Tensor  # (b,) long on the device: feeds the next step
+    tokens: torch.Tensor  # (b,) long on the device: feeds the next step (maybe a decode graph's buffer, valid until its next replay)
     host: torch.Tensor  # (b,) copy on the host (pinned on CUDA), valid once `done` has fired
     done: object  # torch.cuda.Event or None
 
@@ -85,6 +85,8 @@ class Engine:
         self.observer = observer or Observer()
         self.device = model.llm.backbone.embedding.weight.device
         use_graphs = self.config.cuda_graphs and self.device.type == "cuda"
+        self._mask = logits_mask(model.llm.config.padded_vocab_size, len(processor.tokenizer),
+                                 (processor.image_token_id,), self.device)
         # With graphs, one extra slot past the engine's own takes the writes of padding rows.
         self.state = model.allocate_state(self.config.max_num_seqs + use_graphs,
                                           ssm_dtype=getattr(torch, self.config.state_dtype))
@@ -93,7 +95,8 @@ class Engine:
             from model.graphs import GraphDecoder, GraphPrefill
 
             scratch = self.config.max_num_seqs
-            self.graphs = GraphDecoder(model, self.state, scratch, self.config.max_num_seqs).capture()
+            # The decode graphs mask the logits and take their argmax: greedy batches sample nothing more.
+            self.graphs = GraphDecoder(model, self.state, scratch, self.config.max_num_seqs, self._mask).capture()
             if self.config.prefill_graph_tokens > 0:
                 self.prefill_graphs = GraphPrefill(model.llm, self.state, scratch,
                                                    min(self.config.max_prefill_seqs, self.config.max_num_seqs),
@@ -115,8 +118,6 @@ class Engine:
         self._pinned = [torch.empty(self.config.max_num_seqs, dtype=torch.long, pin_memory=True)
                         for _ in range(2)] if self.device.type == "cuda" else None
         self._flip = 0
-        self._mask = logits_mask(model.llm.config.padded_vocab_size, len(processor.tokenizer),
-                                 (processor.image_token_id,), self.device)
         if use_graphs and self.config.encoder_graph_images > 0:
             self.encoder_graphs = self._capture_encoder()
         if self.device.type == "cuda":
@@ -295,7 +296,7 @@ class Engine:
         pixels = to_device(torch.stack(images), self.device) if images else None
         logits = self.prefill_logits(to_device(ids, self.device), pixels, slots, lengths)
         # The prompt's end: a resume point even if the reply does not re-tokenize the same.
-        self._cache_states([(r, r.prompt_key, len(r.prompt_ids)) for r in reqs])
+        self._cache_states([(r, r.prompt_key, len(r.prompt_ids), r.slot) for r in reqs])
         self._emit(reqs, logits)
 
     def prefill_logits(self, ids: torch.Tensor, pixel_values: torch.Tensor | None, slots: torch.Tensor,
@@ -336,6 +337,7 @@ class Engine:
             logits = self.graphs.step(tokens, slots)
         else:
             logits = self.model.step(tokens, state=self.state, slots=slots)
+        masked = self.graphs is not None and self.graphs.mask is not None  # and self.graphs.argmax taken
         for r in reqs:
             r.fed += 1
         self.steps += 1
@@ -346,7 +348,8 @@ class Engine:
         if prev is not None and not lookahead:
             self._consume(prev)  # penalties count every earlier token: read them before sampling
             prev = None
-        sampled = pick_tokens(logits, [r.decoder for r in reqs], self._mask)
+        sampled = pick_tokens(logits, [r.decoder for r in reqs], None if masked else self._mask,
+                              self.graphs.argmax if masked else None)
         self._inflight = cur = self._launch_copy(reqs, sampled)
         if prev is not None:
             self._consume(prev)  # host work of the previous step overlaps this one on the device
@@ -395,11 +398,12 @@ class Engine:
         """Sample one token per request (one host sync), deliver text, finish what is done."""
         self._deliver(list(zip(reqs, pick_tokens(logits, [r.decoder for r in reqs], self._mask).tolist())))
 
-    def _cache_states(self, items: list[tuple[EngineRequest, bytes, int]]) -> None:
-        """Store the slots' states in the session cache, each under (key, items covered); only
-        the states the cache still holds after the whole batch are copied out of their slots."""
-        stores = [(r.scope, r.session_id, key, n) for r, key, n in items]
-        self.cache.store_many(stores, self.state.bytes_per_slot, lambda i: self.state.read(items[i][0].slot))
+    def _cache_states(self, items: list[tuple[EngineRequest, bytes, int, int]]) -> None:
+        """Store slots' states in the session cache, each item (request, key, items covered,
+        slot); only the states the cache still holds after the whole batch are copied out of
+        their slots."""
+        stores = [(r.scope, r.session_id, key, n) for r, key, n, _ in items]
+        self.cache.store_many(stores, self.state.bytes_per_slot, lambda i: self.state.read(items[i][3]))
 
     def _deliver(self, pairs: list[tuple[EngineRequest, int]]) -> None:
         now = time.monotonic()
@@ -419,10 +423,17 @@ class Engine:
                 self._final_key(req)  # hash the tokens fed so far while the device runs the next step
                 if text:
                     req.sink(EngineOutput(req.request_id, text, [tok]))
-        if done:
-            self._cache_states([(req, self._final_key(req), len(req.prompt_ids) + req.fed) for req, _ in done])
+        ends = [(req, self._final_key(req), len(req.prompt_ids) + req.fed, req.slot) for req, _ in done]
         for req, text in done:
             self._finish(req, text, now)
+        if ends:
+            # After the replies, which then do not wait for the copies (~3 ms at 64-256 rows). The
+            # freed slots keep their states until the next iteration admits anyone, and a follow-up
+            # turn is admitted no earlier. The replies are out, so a failure only loses the entries.
+            try:
+                self._cache_states(ends)
+            except Exception:  # noqa: BLE001 - the requests are done; the cache is an optimisation
+                log.exception("could not keep the final states of %d sequences in the session cache", len(ends))
 
     def _final_key(self, req: EngineRequest) -> bytes:
         """The cache key of what the slot holds: the prompt and the tokens fed so far. The chain

@@ -92,3 +92,27 @@ def test_encoder_graphs_replay_the_eager_encoder(tiny_vlm, images):
             got, want = enc.run(batch).clone(), model.encode_images(batch)
             assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4, rtol=1e-4)
     model.to("cpu")
+
+
+@needs_cuda
+def test_decode_graphs_mask_the_logits_and_take_their_argmax():
+    """Given a vocabulary mask, the decode graphs (and the eager step past the largest bucket)
+    return the step's logits with the masked ids at -inf, and ``argmax`` is the argmax of those:
+    with half the vocabulary masked, it never picks a masked id."""
+    from model.graphs import GraphDecoder
+
+    lm = _lm("cuda", torch.bfloat16)
+    state, ref_state = lm.allocate_state(7), lm.allocate_state(7)
+    mask = torch.zeros(lm.config.padded_vocab_size, dtype=torch.bool, device="cuda")
+    mask[::2] = True
+    graphs = GraphDecoder(lm, state, scratch_slot=6, max_batch=4, mask=mask).capture()
+    with torch.inference_mode():
+        for b in (3, 1, 5):  # 5 rows fit no bucket: the eager step
+            ids = torch.randint(1, 300, (b,), device="cuda")
+            slots = torch.randperm(6, device="cuda")[:b]
+            got = graphs.step(ids, slots).float()
+            want = lm.step(ids, state=ref_state, slots=slots).float()
+            assert torch.isinf(got[:, mask]).all() and (got[:, mask] < 0).all()
+            assert (got[:, ~mask] - want[:, ~mask]).abs().max().item() <= 2e-2 * want.abs().max().item()
+            assert torch.equal(graphs.argmax, got.argmax(-1)) and not mask[graphs.argmax].any()
+    assert graphs.bucket(5) is None and graphs.bucket(3) == 4

@@ -169,6 +169,52 @@ def test_states_the_cache_would_evict_at_once_are_never_copied(demo):
         assert torch.equal(conv, held[key][0]) and torch.equal(ssm, held[key][1])
 
 
+@pytest.mark.parametrize("fail", [False, True])
+def test_final_replies_go_out_before_the_final_states_are_cached(demo, fail):
+    """Requests that end are answered first and their final states copied into the session cache
+    after (the copies cost milliseconds at large batches); a copy that fails then loses only the
+    cache entry: every request still has one final output, "length", and the engine serves on."""
+    model, proc = demo
+    eng = Engine(model, proc, EngineConfig(max_num_seqs=4, max_prefill_seqs=4))
+    cols, reqs, seen = [Collector() for _ in range(3)], [], []
+    real_read = eng.state.read
+
+    def read(slot):
+        finals = sum(c.done.is_set() for c in cols)
+        seen.append(finals)
+        if fail and finals:
+            raise RuntimeError("injected copy failure")
+        return real_read(slot)
+
+    eng.state.read = read
+    for i, col in enumerate(cols):
+        s = make_sample("test", i)
+        req = make_request(proc, f"f{i}", [user(s.qas[0].question)], [s.image()], col, max_tokens=4)
+        req.params.ignore_eos = True  # all three end at the same step
+        eng.add_request(req)
+        reqs.append(req)
+    eng.start()
+    try:
+        _wait(cols)
+        assert [[o.finished for o in c.outputs].count(True) for c in cols] == [1, 1, 1]
+        assert [c.final.finish_reason for c in cols] == ["length"] * 3 and eng.max_batch == 3
+        assert seen[:3] == [0, 0, 0]  # the prompts' ends, before any reply
+        deadline = time.time() + 10  # the replies are out; the engine's iteration goes on copying
+        while len(seen) < (4 if fail else 6) and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert seen[3:] == ([3] if fail else [3, 3, 3])  # the final states, after every reply
+        assert len(eng.cache) == (3 if fail else 6) and eng.slots_used() == 0
+        eng.state.read = real_read
+        again = Collector()
+        s = make_sample("test", 0)
+        eng.add_request(make_request(proc, "again", [user(s.qas[0].question)], [s.image()], again))
+        _wait([again])
+        assert eng.alive and again.final.finish_reason == "stop" and again.text == s.qas[0].answer
+    finally:
+        eng.shutdown()
+
+
 def test_no_step_is_launched_past_every_rows_max_tokens(demo):
     """The first token comes from the prefill and each decode step makes one more, so requests
     of 3 and 6 tokens that start together take 5 steps: none runs after the step in flight has
