@@ -238,7 +238,8 @@ class Engine:
             fn()
         except Exception as e:  # noqa: BLE001 - one bad batch must not kill the server
             log.exception("engine %s failed for %d requests", phase, len(reqs))
-            self._inflight = None  # a step that failed midway leaves nothing to read
+            if phase == "decode":  # a step that failed midway leaves nothing to read; a failed
+                self._inflight = None  # prefill leaves the running batch's step in flight as it is
             for r in reqs:
                 self._fail(r, f"internal error during {phase}: {type(e).__name__}")
 
@@ -450,11 +451,14 @@ class Engine:
         out = EngineOutput(req.request_id, text, [dec.token_ids[-1]], True, dec.finish_reason, len(req.prompt_ids),
                            len(dec.token_ids), req.cached_tokens)
         self._release(req)
+        req.answered = True
         self.observer.on_finish(now - req.arrival, out)
         req.sink(out)
 
     def _fail(self, req: EngineRequest, message: str) -> None:
         self._release(req)
+        if req.answered:  # its final output is out: one request, one final output
+            return
         if req in self.waiting:
             self.waiting.remove(req)
         out = EngineOutput(req.request_id, finished=True, finish_reason="error", error=message,

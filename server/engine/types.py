@@ -79,6 +79,7 @@ class EngineRequest:
     first_token_time: float | None = None
     last_token_time: float | None = None
     aborted: bool = False
+    answered: bool = False  # its final output has been sent
 
     def __repr__(self) -> str:  # lengths only: never prompts, images or token ids
         return (f"EngineRequest(id={self.request_id}, prompt_len={len(self.prompt_ids)}, "

@@ -109,6 +109,38 @@ def test_abort_frees_the_slot_and_faults_fail_only_their_batch(engine, demo):
     assert engine.alive and engine.slots_used() == 0
 
 
+def test_a_failed_prefill_leaves_the_running_requests_tokens_intact(demo):
+    """A prefill that fails while other requests decode (their step in flight, lookahead on)
+    fails its own requests only: the running request gets the same tokens as when run alone."""
+    model, proc = demo
+    s = make_sample("test", 7)
+    tokens = []
+    for inject in (False, True):
+        eng = Engine(model, proc, EngineConfig(max_num_seqs=4, max_prefill_seqs=4))
+        eng.fault_hook = lambda phase, reqs: (_ for _ in ()).throw(RuntimeError("injected")) if (
+            phase == "prefill" and any(r.request_id == "bad" for r in reqs)) else None
+        eng.start()
+        try:
+            good, bad = Collector(), Collector()
+            req = make_request(proc, "good", [user(s.qas[0].question)], [s.image()], good, max_tokens=60)
+            req.params.ignore_eos = True
+            eng.add_request(req)
+            if inject:
+                deadline = time.time() + 30
+                while len(good.outputs) < 3 and time.time() < deadline:
+                    time.sleep(0.001)
+                assert not good.done.is_set(), "the bad request must arrive while the good one decodes"
+                eng.add_request(make_request(proc, "bad", [user("Describe the image.")], [s.image()], bad))
+                _wait([bad])
+                assert bad.final.finish_reason == "error"
+            _wait([good])
+            assert good.final.finish_reason == "length" and eng.alive
+            tokens.append((list(req.decoder.token_ids), good.text))
+        finally:
+            eng.shutdown()
+    assert len(tokens[0][0]) == 60 and tokens[1] == tokens[0]
+
+
 def test_bf16_state_storage_answers_the_same(demo):
     model, proc = demo
     with pytest.raises(ValueError, match="state_dtype"):
@@ -204,6 +236,8 @@ def test_final_replies_go_out_before_the_final_states_are_cached(demo, fail):
             time.sleep(0.01)
         time.sleep(0.05)
         assert seen[3:] == ([3] if fail else [3, 3, 3])  # the final states, after every reply
+        assert [[o.finished for o in c.outputs].count(True) for c in cols] == [1, 1, 1]
+        assert not any(o.finish_reason == "error" for c in cols for o in c.outputs)
         assert len(eng.cache) == (3 if fail else 6) and eng.slots_used() == 0
         eng.state.read = real_read
         again = Collector()
