@@ -46,7 +46,7 @@ class _Inflight:
     """A launched decode step whose sampled tokens the host has not read yet."""
 
     reqs: list[EngineRequest]
-    tokens: torch.Tensor  # (b,) long on the device: feeds the next step (maybe a decode graph's buffer, valid until its next replay)
+    tokens: torch.Tensor  # (b,) long on the device: feeds the next step (a graph's output: valid until its replay)
     host: torch.Tensor  # (b,) copy on the host (pinned on CUDA), valid once `done` has fired
     done: object  # torch.cuda.Event or None
 
@@ -334,11 +334,12 @@ class Engine:
         if key != self._slots[0]:  # the batch changed: copy its slots over once
             self._slots = (key, to_device(key, self.device, torch.long))
         slots = self._slots[1]
-        if self.graphs is not None:
+        if self.graphs is not None:  # the graph masks the logits and takes their argmax itself
             logits = self.graphs.step(tokens, slots)
+            mask, argmax = None, self.graphs.argmax
         else:
             logits = self.model.step(tokens, state=self.state, slots=slots)
-        masked = self.graphs is not None and self.graphs.mask is not None  # and self.graphs.argmax taken
+            mask, argmax = self._mask, None
         for r in reqs:
             r.fed += 1
         self.steps += 1
@@ -349,8 +350,7 @@ class Engine:
         if prev is not None and not lookahead:
             self._consume(prev)  # penalties count every earlier token: read them before sampling
             prev = None
-        sampled = pick_tokens(logits, [r.decoder for r in reqs], None if masked else self._mask,
-                              self.graphs.argmax if masked else None)
+        sampled = pick_tokens(logits, [r.decoder for r in reqs], mask, argmax)
         self._inflight = cur = self._launch_copy(reqs, sampled)
         if prev is not None:
             self._consume(prev)  # host work of the previous step overlaps this one on the device

@@ -250,9 +250,8 @@ def fused_step_cases():
 
 
 def unfused_step_cases():
-    """Past 16 rows the step runs in_proj and out_proj as GEMMs and the conv update + x_proj
-    (conv_xproj), dt_proj and the state update as our kernels: its decode steps equal the parallel
-    prefill too."""
+    """Past 16 rows the step runs in_proj and out_proj as GEMMs and the conv update, x_proj,
+    dt_proj and the state update as our kernels: its decode steps equal the parallel prefill too."""
     from model.config import MambaConfig
     from model.mamba import MambaLM
 
