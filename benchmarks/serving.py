@@ -168,11 +168,41 @@ def _seed(args, phase: int, level: int) -> int:
     return args.seed * 1000 + phase * 100 + level
 
 
+# The server's histograms (sum and count) that split the client's TTFT.
+SPLIT = {f"vlmamba_{name}_seconds_{part}" for name in ("request_prepare", "time_to_first_token")
+         for part in ("sum", "count")}
+
+
+def server_histograms(url: str) -> dict[str, float]:
+    """The server's request-preparation and TTFT histogram sums and counts, from its /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name in SPLIT}
+
+
+def ttft_split(before: dict, after: dict, client_mean_s: float | None) -> dict | None:
+    """Where the client's mean TTFT went, from the server's histograms over the same requests:
+    ``prepare_ms`` (handler start to the engine: image decoding, template, tokenizing,
+    preprocessing), ``engine_ms`` (hand-off to the first token, in the engine process: the trip
+    there, queueing and the prefill) and ``rest_ms`` (the rest: the HTTP request and body parsing
+    before the handler, the first token's way back and the stream to the client)."""
+    mean = lambda name: ((after[f"{name}_sum"] - before[f"{name}_sum"])
+                         / max(after[f"{name}_count"] - before[f"{name}_count"], 1))
+    if client_mean_s is None or set(after) != SPLIT:
+        return None
+    prepare, engine = mean("vlmamba_request_prepare_seconds"), mean("vlmamba_time_to_first_token_seconds")
+    return {"prepare_ms": 1000 * prepare, "engine_ms": 1000 * engine,
+            "rest_ms": 1000 * (client_mean_s - prepare - engine)}
+
+
 def serve_levels(args, url: str, levels: list[tuple[int, int]]) -> list[dict]:
     rows = []
     for i, (c, n) in enumerate(levels):
         drive(bench_args(args, url, _seed(args, 1, i), c, c))
+        before = server_histograms(url)
         results, s = drive(bench_args(args, url, _seed(args, 0, i), n, c))
+        s["ttft_split"] = ttft_split(before, server_histograms(url), s["ttft_s"]["mean"])
         ok = [r for r in results if r.status == 200]
         s["prompt_tokens"] = [r.prompt_tokens for r in results]
         s["cached_tokens_mean"] = sum(r.cached_tokens for r in ok) / max(len(ok), 1)
@@ -345,6 +375,20 @@ def report(result: dict) -> str:
              " / ".join(_ms(r["server"]["ttft_s"][q]) for q in ("p50", "p90", "p99")),
              _ms(r["server"]["itl_s"]["p50"])] for r in result["levels"]]
     text.append(markdown_table(header, rows))
+    split = [r for r in result["levels"] if r["server"].get("ttft_split")]
+    if split:
+        text += ["", "Where the server's mean TTFT goes (the server's own histograms over the measured requests): "
+                 "prepare = handler start to the engine (image decoding, chat template, tokenizing, preprocessing); "
+                 "engine = from there to the first token in the engine process (the trip there, queueing, the "
+                 "prefill); rest = the HTTP request before the handler and the first token's way back to the "
+                 "client. Offline: the engine's mean TTFT in-process.", "",
+                 markdown_table(["concurrency", "client TTFT mean (ms)", "prepare (ms)", "engine (ms)", "rest (ms)",
+                                 "offline TTFT mean (ms)"],
+                                [[r["concurrency"], _ms(r["server"]["ttft_s"]["mean"]),
+                                  f"{r['server']['ttft_split']['prepare_ms']:.1f}",
+                                  f"{r['server']['ttft_split']['engine_ms']:.1f}",
+                                  f"{r['server']['ttft_split']['rest_ms']:.1f}", _ms(r["offline"]["ttft_s"]["mean"])]
+                                 for r in split])]
     text += ["", verdicts(result)]
     if result.get("multi_turn"):
         text += ["", multi_turn_table(result["multi_turn"])]

@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from server.engine.engine import Observer
 
 LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class _EngineCollector:
@@ -41,6 +42,8 @@ class Metrics(Observer):
         self.e2e = h("vlmamba_e2e_request_latency_seconds", "Arrival to last token")
         self.queue = h("vlmamba_request_queue_time_seconds", "Arrival to admission into a state slot")
         self.fetch = h("vlmamba_image_fetch_seconds", "Image URL fetch time")
+        self.prepare = h("vlmamba_request_prepare_seconds", "Request handler start to hand-off to the engine: image "
+                         "fetching and decoding, chat template, tokenizing, image preprocessing", FAST)
         self.batch = h("vlmamba_decode_batch_size", "Sequences per decode step", (1, 2, 4, 8, 16, 32, 64, 128, 256))
         c = lambda name, doc, labels=(): Counter(name, doc, labels, registry=r)
         self.prompt_tokens = c("vlmamba_prompt_tokens", "Prompt tokens processed (cached ones included)")

@@ -126,12 +126,14 @@ class ChatService:
 
     async def submit(self, req: ChatCompletionRequest, api_key: str | None, session_id: str | None):
         """Fetch, encode and hand the request to the engine. Returns (request_id, output queue)."""
+        start = time.monotonic()
         try:
             messages, images = await self._images_and_messages(req)
             ids, inputs = await asyncio.to_thread(self._encode, messages, images)
             params = self._params(req, len(ids))
         finally:
             self.pending -= 1
+        self.metrics.prepare.observe(time.monotonic() - start)
         queue = asyncio.Queue()
         rid = completion_id()
         handoff = self._handoff_for(asyncio.get_running_loop())

@@ -29,6 +29,10 @@ def test_serving_benchmark_demo_model_cpu(tmp_path, monkeypatch):
         # Warm-up used other prompts: nothing measured came from the state cache, on either side.
         assert s["cached_tokens_mean"] == off["cached_tokens_mean"] == 0
         assert r["prompt_tokens_mean"] > 64  # the image's visual tokens and the text
+        # The server's histograms split the client's TTFT into nested parts: all of them positive.
+        split = s["ttft_split"]
+        assert split["prepare_ms"] > 0 and split["engine_ms"] > 0 and split["rest_ms"] > 0
+        assert split["prepare_ms"] + split["engine_ms"] < 1000 * s["ttft_s"]["mean"]
     assert out["ttft_one_request_ms"] == pytest.approx(1000 * levels[0]["server"]["ttft_s"]["p50"])
     assert out["server_exit_code"] is not None  # the server process was stopped before the offline part
 
@@ -44,6 +48,7 @@ def test_serving_benchmark_demo_model_cpu(tmp_path, monkeypatch):
     section = text[text.index("<!-- serving:start -->"):text.index("<!-- serving:end -->")]
     assert "| concurrency | requests | server req/s" in section and "\n| 2 | 4 |" in section
     assert "TTFT at one request (concurrency 1, p50)" in section and "target ≤ 80 ms" in section
+    assert "| concurrency | client TTFT mean (ms) | prepare (ms) | engine (ms) | rest (ms)" in section
     assert "| turn | TTFT p50 (ms)" in section and "\n| 2 |" in section.split("### TTFT per turn")[1]
 
 

@@ -195,6 +195,9 @@ def test_models_metrics_and_docs(live, client):
                  "vlmamba_requests_finished_total[('reason', 'stop')]"):
         assert name in m, name
     assert m["vlmamba_generation_tokens_total[]"] > 0 and m["vlmamba_state_slots_total[]"] == 16
+    # Every request handed to the engine was timed from its handler's start (images, tokenizing).
+    assert 0 < m["vlmamba_request_prepare_seconds_count[]"] <= m["vlmamba_time_to_first_token_seconds_count[]"] + 1
+    assert m["vlmamba_request_prepare_seconds_sum[]"] > 0
     assert m["vlmamba_cached_prompt_tokens_total[]"] > 0  # the multi-turn test hit the cache
     assert httpx.get(live.url + "/docs").status_code == 200
     assert "/v1/chat/completions" in httpx.get(live.url + "/openapi.json").json()["paths"]
