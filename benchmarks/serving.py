@@ -196,12 +196,66 @@ def ttft_split(before: dict, after: dict, client_mean_s: float | None) -> dict |
             "rest_ms": 1000 * (client_mean_s - prepare - engine)}
 
 
-def serve_levels(args, url: str, levels: list[tuple[int, int]]) -> list[dict]:
+def thread_cpu(pid: int) -> dict[tuple[int, int], tuple[str, float]]:
+    """CPU seconds (user + system) of every thread of ``pid`` and of its child processes, by
+    (process id, thread id) -> ("process name/thread name", seconds), from /proc (Linux; {} elsewhere)."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    procs = [pid] + [int(p) for p in _children(pid)]
+    for proc in procs:
+        pname = _stat(f"/proc/{proc}/stat")
+        for task in _listdir(f"/proc/{proc}/task"):
+            st = _stat(f"/proc/{proc}/task/{task}/stat")
+            if st and pname:
+                out[(proc, int(task))] = (f"{pname[0]}/{st[0]}", (st[1] + st[2]) / tick)
+    return out
+
+
+def _children(pid: int) -> list[str]:
+    kids = []
+    for entry in _listdir("/proc"):
+        st = _stat(f"/proc/{entry}/stat") if entry.isdigit() else None
+        if st and st[3] == pid:
+            kids.append(entry)
+    return kids
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _stat(path: str) -> tuple[str, int, int, int] | None:
+    """(name, utime, stime, parent pid) from a /proc stat file, or None if it is gone."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    name, rest = text[text.index("(") + 1: text.rindex(")")], text[text.rindex(")") + 2:].split()
+    return name, int(rest[11]), int(rest[12]), int(rest[1])
+
+
+def cpu_use(before: dict, after: dict, seconds: float, top: int = 4) -> dict:
+    """The busiest threads over an interval (share of one core each) and the processes' totals."""
+    used = {k: (name, after[k][1] - before.get(k, (name, 0.0))[1]) for k, (name, _) in after.items()}
+    busiest = sorted(used.values(), key=lambda v: -v[1])[:top]
+    per_proc: dict[str, float] = {}
+    for (proc, _), (name, sec) in used.items():
+        key = f"{name.split('/')[0]} ({proc})"
+        per_proc[key] = per_proc.get(key, 0.0) + sec
+    return {"busiest_threads": [[name, round(sec / seconds, 3)] for name, sec in busiest],
+            "processes": {k: round(sec / seconds, 3) for k, sec in per_proc.items()}}
+
+
+def serve_levels(args, url: str, levels: list[tuple[int, int]], pid: int | None = None) -> list[dict]:
     rows = []
     for i, (c, n) in enumerate(levels):
         drive(bench_args(args, url, _seed(args, 1, i), c, c))
-        before = server_histograms(url)
+        before, cpu0, t0 = server_histograms(url), thread_cpu(pid) if pid else {}, time.monotonic()
         results, s = drive(bench_args(args, url, _seed(args, 0, i), n, c))
+        if cpu0:  # the server's threads (its process and the engine process) while the level ran
+            s["cpu"] = cpu_use(cpu0, thread_cpu(pid), time.monotonic() - t0)
         s["ttft_split"] = ttft_split(before, server_histograms(url), s["ttft_s"]["mean"])
         ok = [r for r in results if r.status == 200]
         s["prompt_tokens"] = [r.prompt_tokens for r in results]
@@ -389,6 +443,13 @@ def report(result: dict) -> str:
                                   f"{r['server']['ttft_split']['engine_ms']:.1f}",
                                   f"{r['server']['ttft_split']['rest_ms']:.1f}", _ms(r["offline"]["ttft_s"]["mean"])]
                                  for r in split])]
+    cpu = [r for r in result["levels"] if r["server"].get("cpu")]
+    if cpu:
+        text += ["", "CPU while each level ran, in cores (/proc): each process, then its busiest threads "
+                 "(`vlmamba-serve` is the server's event loop, `engine` the engine loop)."]
+        text += ["", markdown_table(["concurrency", "processes", "busiest threads"], [
+            [r["concurrency"], ", ".join(f"{k} {v:.2f}" for k, v in r["server"]["cpu"]["processes"].items()),
+             ", ".join(f"{n} {v:.2f}" for n, v in r["server"]["cpu"]["busiest_threads"])] for r in cpu])]
     text += ["", verdicts(result)]
     if result.get("multi_turn"):
         text += ["", multi_turn_table(result["multi_turn"])]
@@ -471,7 +532,7 @@ def main(argv=None) -> dict:
               "dtype": str(torch_dtype(args.dtype, args.device)).removeprefix("torch."),
               "ttft_target_ms": TTFT_TARGET_MS, "ratio_target": RATIO_TARGET}
     with ServerProcess(args, max_num_seqs) as server:
-        result["levels"] = serve_levels(args, server.url, levels)
+        result["levels"] = serve_levels(args, server.url, levels, server.proc.pid)
         result["multi_turn"] = serve_multi_turn(args, server.url) if args.turns and args.conversations else None
     result["server_exit_code"] = server.returncode
     combine(result["levels"], offline_levels(args, levels, max_num_seqs))

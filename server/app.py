@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -14,6 +15,7 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server import errors
+from server.engine.threads import name_os_thread
 from server.errors import BodyTooLarge, Unauthorized, Unavailable
 from server.protocol import ChatCompletionRequest
 from server.settings import ServerSettings
@@ -131,6 +133,9 @@ def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # Image decoding and tokenizing run in these threads, under their own names (top -H, profilers).
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(thread_name_prefix="vlmamba-worker", initializer=name_os_thread))
         metrics = Metrics()
         cfg = EngineConfig(settings.max_num_seqs, settings.max_prefill_seqs, int(settings.state_cache_gb * 2**30),
                            cuda_graphs=not settings.no_cuda_graphs, state_dtype=settings.state_dtype,

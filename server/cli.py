@@ -139,9 +139,11 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from server.app import create_app, draining_server
+    from server.engine.threads import name_os_thread
     from server.settings import from_args
 
     settings = from_args(args)
+    name_os_thread("vlmamba-serve")  # the process's name in ps and top: its event loop runs in this thread
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level.lower(),
                             timeout_graceful_shutdown=int(settings.grace_period))

@@ -36,6 +36,7 @@ import torch
 
 from model.generate import SequenceDecoder, logits_mask, pick_tokens, to_device
 from server.engine.state_cache import StateCache, prefix_hashes, prompt_items
+from server.engine.threads import name_os_thread
 from server.engine.types import EngineOutput, EngineRequest, EngineStats
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,7 @@ class Engine:
 
     # ---- the loop --------------------------------------------------------------------------
     def _run(self) -> None:
+        name_os_thread()
         while True:
             with self._cv:
                 while not (self._stop or self._incoming or self.waiting or self.running or self._aborts):

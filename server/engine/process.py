@@ -33,6 +33,7 @@ from dataclasses import replace
 import torch
 
 from server.engine.engine import Engine, EngineConfig, Observer
+from server.engine.threads import name_os_thread
 from server.engine.types import EngineOutput, EngineRequest, EngineStats, ImageInput
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ class EngineProcess:
     # ---- the pipe ----------------------------------------------------------------------------------
     def _write(self) -> None:
         """Pickle and send in this thread: a large image must never block the event loop on the pipe."""
+        name_os_thread()
         while (msg := self._outgoing.get()) is not None:
             try:
                 _send(self._conn, msg)
@@ -167,6 +169,7 @@ class EngineProcess:
                 return  # the child is gone; the reader reports it
 
     def _read(self) -> None:
+        name_os_thread()
         while True:
             try:
                 msg = pickle.loads(self._conn.recv_bytes())  # blocks without the GIL
@@ -267,6 +270,7 @@ class _Outbox(Observer):
         self.thread.join(timeout=10)
 
     def _run(self) -> None:
+        name_os_thread()
         while True:
             with self.cv:
                 while not self.due:
@@ -283,6 +287,7 @@ class _Outbox(Observer):
 
 def _child_main(conn, loader, config: EngineConfig, logging_setup: tuple) -> None:
     os.setpgrp()  # a Ctrl-C meant for the server's process group must not kill the engine mid-drain
+    name_os_thread("vlmamba-engine")  # the process's name in ps and top; the engine loop is "engine"
     level, fmt, datefmt = logging_setup
     logging.basicConfig(level=level, **({"format": fmt, "datefmt": datefmt} if fmt else {}))
     threading.Thread(target=_exit_with_parent, name="vlmamba-parent-watch", daemon=True).start()
@@ -331,5 +336,6 @@ def _exit_with_parent() -> None:
     """Exit at once if the server process dies (even while the model is still loading)."""
     from multiprocessing.connection import wait
 
+    name_os_thread()
     wait([mp.parent_process().sentinel])
     os._exit(1)

@@ -2,6 +2,7 @@
 the offline engine on the same requests, and its section in the performance doc."""
 
 import json
+import sys
 
 import pytest
 
@@ -33,6 +34,11 @@ def test_serving_benchmark_demo_model_cpu(tmp_path, monkeypatch):
         split = s["ttft_split"]
         assert split["prepare_ms"] > 0 and split["engine_ms"] > 0 and split["rest_ms"] > 0
         assert split["prepare_ms"] + split["engine_ms"] < 1000 * s["ttft_s"]["mean"]
+        if sys.platform.startswith("linux"):  # CPU by process and thread, from /proc, under the OS names
+            procs = {k.split(" (")[0]: v for k, v in s["cpu"]["processes"].items()}
+            assert {"vlmamba-serve", "vlmamba-engine"} <= set(procs) and procs["vlmamba-engine"] > 0
+            assert s["cpu"]["busiest_threads"][0][1] > 0
+            assert any(name == "vlmamba-engine/engine" for name, _ in s["cpu"]["busiest_threads"])
     assert out["ttft_one_request_ms"] == pytest.approx(1000 * levels[0]["server"]["ttft_s"]["p50"])
     assert out["server_exit_code"] is not None  # the server process was stopped before the offline part
 
@@ -49,6 +55,7 @@ def test_serving_benchmark_demo_model_cpu(tmp_path, monkeypatch):
     assert "| concurrency | requests | server req/s" in section and "\n| 2 | 4 |" in section
     assert "TTFT at one request (concurrency 1, p50)" in section and "target ≤ 80 ms" in section
     assert "| concurrency | client TTFT mean (ms) | prepare (ms) | engine (ms) | rest (ms)" in section
+    assert "| concurrency | processes | busiest threads |" in section
     assert "| turn | TTFT p50 (ms)" in section and "\n| 2 |" in section.split("### TTFT per turn")[1]
 
 

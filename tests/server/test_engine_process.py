@@ -70,6 +70,21 @@ def test_the_engine_runs_in_a_child_process(served):
     assert [m.id for m in _client(served).models.list().data] == ["shapes-demo"]
 
 
+def _thread_names(pid: int) -> list[str]:
+    return sorted(Path(f"/proc/{pid}/task/{t}/comm").read_text().strip() for t in os.listdir(f"/proc/{pid}/task"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OS thread names are set on Linux")
+def test_threads_carry_their_names_to_the_os(served, samples):
+    """top -H, ps -L and the serving benchmark's CPU report tell the threads apart."""
+    _client(served).chat.completions.create(model="m", messages=ask(data_url(samples[0].image()), "Hi"), max_tokens=2)
+    child = served.app.state.engine.pid
+    assert Path(f"/proc/{child}/comm").read_text().strip() == "vlmamba-engine"
+    assert {"vlmamba-engine", "engine", "engine-outbox", "parent-watch"} <= set(_thread_names(child))
+    mine = _thread_names(os.getpid())  # the image was decoded in a named worker thread
+    assert {"engine-reader", "engine-writer"} <= set(mine) and any(n.startswith("worker_") for n in mine)
+
+
 def _answers(srv, messages) -> tuple:
     client = _client(srv)
     plain = client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=40)
