@@ -197,26 +197,32 @@ def ttft_split(before: dict, after: dict, client_mean_s: float | None) -> dict |
 
 
 def thread_cpu(pid: int) -> dict[tuple[int, int], tuple[str, float]]:
-    """CPU seconds (user + system) of every thread of ``pid`` and of its child processes, by
-    (process id, thread id) -> ("process name/thread name", seconds), from /proc (Linux; {} elsewhere)."""
+    """CPU seconds (user + system) of every thread of ``pid`` and of the processes below it, by
+    (process id, thread id) -> ("process name/thread name", seconds), from /proc (Linux; {} elsewhere).
+    This process is named "client" (it runs the benchmark's HTTP client)."""
     tick, out = os.sysconf("SC_CLK_TCK"), {}
-    procs = [pid] + [int(p) for p in _children(pid)]
-    for proc in procs:
-        pname = _stat(f"/proc/{proc}/stat")
+    for proc in [pid] + _descendants(pid):
+        st = _stat(f"/proc/{proc}/stat")
+        pname = "client" if proc == os.getpid() else st[0] if st else None
         for task in _listdir(f"/proc/{proc}/task"):
-            st = _stat(f"/proc/{proc}/task/{task}/stat")
-            if st and pname:
-                out[(proc, int(task))] = (f"{pname[0]}/{st[0]}", (st[1] + st[2]) / tick)
+            tst = _stat(f"/proc/{proc}/task/{task}/stat")
+            if tst and pname:
+                out[(proc, int(task))] = (f"{pname}/{tst[0]}", (tst[1] + tst[2]) / tick)
     return out
 
 
-def _children(pid: int) -> list[str]:
-    kids = []
+def _descendants(pid: int) -> list[int]:
+    parent = {}
     for entry in _listdir("/proc"):
         st = _stat(f"/proc/{entry}/stat") if entry.isdigit() else None
-        if st and st[3] == pid:
-            kids.append(entry)
-    return kids
+        if st:
+            parent[int(entry)] = st[3]
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier]
+        found += kids
+        frontier = kids
+    return found
 
 
 def _listdir(path: str) -> list[str]:
@@ -248,14 +254,14 @@ def cpu_use(before: dict, after: dict, seconds: float, top: int = 4) -> dict:
             "processes": {k: round(sec / seconds, 3) for k, sec in per_proc.items()}}
 
 
-def serve_levels(args, url: str, levels: list[tuple[int, int]], pid: int | None = None) -> list[dict]:
+def serve_levels(args, url: str, levels: list[tuple[int, int]]) -> list[dict]:
     rows = []
     for i, (c, n) in enumerate(levels):
         drive(bench_args(args, url, _seed(args, 1, i), c, c))
-        before, cpu0, t0 = server_histograms(url), thread_cpu(pid) if pid else {}, time.monotonic()
+        before, cpu0, t0 = server_histograms(url), thread_cpu(os.getpid()), time.monotonic()
         results, s = drive(bench_args(args, url, _seed(args, 0, i), n, c))
-        if cpu0:  # the server's threads (its process and the engine process) while the level ran
-            s["cpu"] = cpu_use(cpu0, thread_cpu(pid), time.monotonic() - t0)
+        if cpu0:  # the client (this process), the server process and the engine process
+            s["cpu"] = cpu_use(cpu0, thread_cpu(os.getpid()), time.monotonic() - t0)
         s["ttft_split"] = ttft_split(before, server_histograms(url), s["ttft_s"]["mean"])
         ok = [r for r in results if r.status == 200]
         s["prompt_tokens"] = [r.prompt_tokens for r in results]
@@ -443,10 +449,11 @@ def report(result: dict) -> str:
                                   f"{r['server']['ttft_split']['engine_ms']:.1f}",
                                   f"{r['server']['ttft_split']['rest_ms']:.1f}", _ms(r["offline"]["ttft_s"]["mean"])]
                                  for r in split])]
-    cpu = [r for r in result["levels"] if r["server"].get("cpu")]
+    cpu = [r for r in result["levels"] if r["server"].get("cpu")]  # top: busiest threads of all processes
     if cpu:
-        text += ["", "CPU while each level ran, in cores (/proc): each process, then its busiest threads "
-                 "(`vlmamba-serve` is the server's event loop, `engine` the engine loop)."]
+        text += ["", "CPU while each level ran, in cores (/proc): each process (`client` is the benchmark's "
+                 "HTTP client), then the busiest threads (`vlmamba-serve/vlmamba-serve` is the server's event "
+                 "loop, `vlmamba-engine/engine` the engine loop)."]
         text += ["", markdown_table(["concurrency", "processes", "busiest threads"], [
             [r["concurrency"], ", ".join(f"{k} {v:.2f}" for k, v in r["server"]["cpu"]["processes"].items()),
              ", ".join(f"{n} {v:.2f}" for n, v in r["server"]["cpu"]["busiest_threads"])] for r in cpu])]
@@ -532,7 +539,7 @@ def main(argv=None) -> dict:
               "dtype": str(torch_dtype(args.dtype, args.device)).removeprefix("torch."),
               "ttft_target_ms": TTFT_TARGET_MS, "ratio_target": RATIO_TARGET}
     with ServerProcess(args, max_num_seqs) as server:
-        result["levels"] = serve_levels(args, server.url, levels, server.proc.pid)
+        result["levels"] = serve_levels(args, server.url, levels)
         result["multi_turn"] = serve_multi_turn(args, server.url) if args.turns and args.conversations else None
     result["server_exit_code"] = server.returncode
     combine(result["levels"], offline_levels(args, levels, max_num_seqs))

@@ -144,6 +144,13 @@ def cmd_serve(args) -> int:
 
     settings = from_args(args)
     name_os_thread("vlmamba-serve")  # the process's name in ps and top: its event loop runs in this thread
+    if not settings.no_engine_process:
+        # The model runs in the engine process; here torch only preprocesses images, a few small
+        # ops per request, for which a pool of intra-op threads costs more (its idle threads spin)
+        # than it saves. Requests still preprocess in parallel, one worker thread each.
+        import torch
+
+        torch.set_num_threads(1)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level.lower(),
                             timeout_graceful_shutdown=int(settings.grace_period))
