@@ -181,19 +181,24 @@ def server_histograms(url: str) -> dict[str, float]:
     return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name in SPLIT}
 
 
-def ttft_split(before: dict, after: dict, client_mean_s: float | None) -> dict | None:
-    """Where the client's mean TTFT went, from the server's histograms over the same requests:
-    ``prepare_ms`` (handler start to the engine: image decoding, template, tokenizing,
-    preprocessing), ``engine_ms`` (hand-off to the first token, in the engine process: the trip
-    there, queueing and the prefill) and ``rest_ms`` (the rest: the HTTP request and body parsing
-    before the handler, the first token's way back and the stream to the client)."""
+def ttft_split(before: dict, after: dict, client: dict) -> dict | None:
+    """Where the client's mean TTFT went, from the server's histograms over the same requests and
+    the client's own times (``client``: its summary): ``prepare_ms`` (handler start to the
+    engine: image decoding, template, tokenizing, preprocessing), ``engine_ms`` (hand-off to the
+    first token, in the engine process: the trip there, queueing and the prefill) and the rest,
+    ``rest_ms``, in two: ``before_ms``, the client's time to the response headers (sent once the
+    handler has handed the request over) less ``prepare_ms`` (the request's way in and its
+    parsing, and the headers' way out), and ``after_ms``, the time from the headers to the first
+    token seen less ``engine_ms`` (the first token's way out, less the headers'; it can be
+    slightly negative)."""
     mean = lambda name: ((after[f"{name}_sum"] - before[f"{name}_sum"])
                          / max(after[f"{name}_count"] - before[f"{name}_count"], 1))
-    if client_mean_s is None or set(after) != SPLIT:
+    ttft, headers = client["ttft_s"]["mean"], client["headers_s"]["mean"]
+    if ttft is None or headers is None or set(after) != SPLIT:
         return None
     prepare, engine = mean("vlmamba_request_prepare_seconds"), mean("vlmamba_time_to_first_token_seconds")
-    return {"prepare_ms": 1000 * prepare, "engine_ms": 1000 * engine,
-            "rest_ms": 1000 * (client_mean_s - prepare - engine)}
+    return {"prepare_ms": 1000 * prepare, "engine_ms": 1000 * engine, "rest_ms": 1000 * (ttft - prepare - engine),
+            "before_ms": 1000 * (headers - prepare), "after_ms": 1000 * (ttft - headers - engine)}
 
 
 def thread_cpu(pid: int) -> dict[tuple[int, int], tuple[str, float]]:
@@ -262,7 +267,7 @@ def serve_levels(args, url: str, levels: list[tuple[int, int]]) -> list[dict]:
         results, s = drive(bench_args(args, url, _seed(args, 0, i), n, c))
         if cpu0:  # the client (this process), the server process and the engine process
             s["cpu"] = cpu_use(cpu0, thread_cpu(os.getpid()), time.monotonic() - t0)
-        s["ttft_split"] = ttft_split(before, server_histograms(url), s["ttft_s"]["mean"])
+        s["ttft_split"] = ttft_split(before, server_histograms(url), s)
         ok = [r for r in results if r.status == 200]
         s["prompt_tokens"] = [r.prompt_tokens for r in results]
         s["cached_tokens_mean"] = sum(r.cached_tokens for r in ok) / max(len(ok), 1)
@@ -440,15 +445,16 @@ def report(result: dict) -> str:
         text += ["", "Where the server's mean TTFT goes (the server's own histograms over the measured requests): "
                  "prepare = handler start to the engine (image decoding, chat template, tokenizing, preprocessing); "
                  "engine = from there to the first token in the engine process (the trip there, queueing, the "
-                 "prefill); rest = the HTTP request before the handler and the first token's way back to the "
-                 "client. Offline: the engine's mean TTFT in-process.", "",
-                 markdown_table(["concurrency", "client TTFT mean (ms)", "prepare (ms)", "engine (ms)", "rest (ms)",
-                                 "offline TTFT mean (ms)"],
-                                [[r["concurrency"], _ms(r["server"]["ttft_s"]["mean"]),
-                                  f"{r['server']['ttft_split']['prepare_ms']:.1f}",
-                                  f"{r['server']['ttft_split']['engine_ms']:.1f}",
-                                  f"{r['server']['ttft_split']['rest_ms']:.1f}", _ms(r["offline"]["ttft_s"]["mean"])]
-                                 for r in split])]
+                 "prefill); way in = the client's time to the response headers less prepare (the headers' way "
+                 "back included); way back = the rest, from the first token in the engine to the client (the "
+                 "headers' way back taken off). Offline: the engine's mean TTFT "
+                 "in-process.", "",
+                 markdown_table(["concurrency", "client TTFT mean (ms)", "way in (ms)", "prepare (ms)", "engine (ms)",
+                                 "way back (ms)", "offline TTFT mean (ms)"],
+                                [[r["concurrency"], _ms(r["server"]["ttft_s"]["mean"])]
+                                 + [f"{r['server']['ttft_split'][k]:.1f}"
+                                    for k in ("before_ms", "prepare_ms", "engine_ms", "after_ms")]
+                                 + [_ms(r["offline"]["ttft_s"]["mean"])] for r in split])]
     cpu = [r for r in result["levels"] if r["server"].get("cpu")]  # top: busiest threads of all processes
     if cpu:
         text += ["", "CPU while each level ran, in cores (/proc): each process (`client` is the benchmark's "

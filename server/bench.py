@@ -30,6 +30,7 @@ class Result:
     turn: int
     status: int
     ttft: float | None = None
+    headers: float | None = None  # seconds to the response's status and headers (the handler has returned)
     e2e: float | None = None
     itl: list[float] = field(default_factory=list)
     output_tokens: int = 0
@@ -60,7 +61,7 @@ async def one_request(client: httpx.AsyncClient, args, messages: list, turn: int
     t0 = time.perf_counter()
     res, last, chunks = Result(turn, 0), None, []
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        res.status = r.status_code
+        res.status, res.headers = r.status_code, time.perf_counter() - t0
         if r.status_code != 200:
             await r.aread()
             return res
@@ -143,6 +144,7 @@ def summarize(results: list[Result], duration: float, args) -> dict:
         "requests": len(results), "succeeded": len(ok), "errors_by_status": errors, "duration_s": duration,
         "request_throughput": len(ok) / duration, "output_tokens_per_s": sum(r.output_tokens for r in ok) / duration,
         "ttft_s": _pcts([r.ttft for r in ok if r.ttft is not None]),
+        "headers_s": _pcts([r.headers for r in ok if r.headers is not None]),
         "itl_s": _pcts([g for r in ok for g in r.itl]), "e2e_s": _pcts([r.e2e for r in ok if r.e2e is not None]),
         "ttft_by_turn_s": {str(t): _pcts(v) for t, v in per_turn.items()},
         "cached_tokens_by_turn": {str(t): statistics.fmean([r.cached_tokens for r in ok if r.turn == t] or [0])

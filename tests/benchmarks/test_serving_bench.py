@@ -33,6 +33,8 @@ def test_serving_benchmark_demo_model_cpu(tmp_path, monkeypatch):
         # The server's histograms split the client's TTFT into nested parts: all of them positive.
         split = s["ttft_split"]
         assert split["prepare_ms"] > 0 and split["engine_ms"] > 0 and split["rest_ms"] > 0
+        assert split["before_ms"] > 0  # the way back ("after") is less the headers' own, so it may dip below 0
+        assert split["before_ms"] + split["after_ms"] == pytest.approx(split["rest_ms"])
         assert split["prepare_ms"] + split["engine_ms"] < 1000 * s["ttft_s"]["mean"]
         if sys.platform.startswith("linux"):  # CPU by process and thread, from /proc, under the OS names
             procs = {k.split(" (")[0]: v for k, v in s["cpu"]["processes"].items()}
@@ -54,7 +56,7 @@ def test_serving_benchmark_demo_model_cpu(tmp_path, monkeypatch):
     section = text[text.index("<!-- serving:start -->"):text.index("<!-- serving:end -->")]
     assert "| concurrency | requests | server req/s" in section and "\n| 2 | 4 |" in section
     assert "TTFT at one request (concurrency 1, p50)" in section and "target ≤ 80 ms" in section
-    assert "| concurrency | client TTFT mean (ms) | prepare (ms) | engine (ms) | rest (ms)" in section
+    assert "| concurrency | client TTFT mean (ms) | way in (ms) | prepare (ms) | engine (ms) | way back (ms)" in section
     assert "| concurrency | processes | busiest threads |" in section
     assert "| turn | TTFT p50 (ms)" in section and "\n| 2 |" in section.split("### TTFT per turn")[1]
 
