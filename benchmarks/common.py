@@ -8,13 +8,13 @@ import re
 import time
 from pathlib import Path
 
-import torch
-
 DOC = Path(__file__).parents[1] / "docs" / "performance.md"
 PRESET = Path(__file__).parents[1] / "model" / "configs" / "vlmamba-2.8b-so400m"
 
 
 def sync(device) -> None:
+    import torch  # here, not at the top: the serving benchmark's client processes never need it
+
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -32,6 +32,8 @@ def timed(fn, device, repeats: int = 1) -> tuple[float, object]:
 
 
 def machine(device) -> dict:
+    import torch
+
     d = torch.device(device)
     info = {"host": platform.node(), "cpu_count": __import__("os").cpu_count(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d")}

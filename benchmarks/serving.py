@@ -22,7 +22,6 @@ prompts first, so no measured prompt is ever served from the state cache.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import os
 import signal
@@ -148,18 +147,22 @@ def bench_args(args, url: str, seed: int, num_requests: int, concurrency: int, t
     b = parser.parse_args(["bench"])
     vars(b).update(server=url, seed=seed, num_requests=num_requests, concurrency=concurrency, turns=turns,
                    max_tokens=args.max_tokens, image_size=args.image_size, prompt_words=args.prompt_words,
-                   images_per_request=1, ignore_eos=True, timeout=args.request_timeout, quiet=args.quiet)
+                   images_per_request=1, ignore_eos=True, timeout=args.request_timeout, quiet=args.quiet,
+                   processes=-(-concurrency // args.streams_per_client))
     return b
 
 
-def drive(bargs) -> tuple[list, dict]:
-    from server.bench import make_image_url, run, summarize
+def drive(bargs, on_start=None) -> tuple[list, dict]:
+    """Run ``vlmamba bench``'s client; the summary gets ``client_cpu``: cores its processes used.
+    ``on_start()``: called as the clients start."""
+    from server.bench import make_image_url, run_clients, summarize
 
-    for idx in range(bargs.num_requests):  # encode the PNGs before the clock starts
+    for idx in range(bargs.num_requests if bargs.processes == 1 else 0):  # encode the PNGs before the clock starts
         make_image_url(bargs.image_size, idx * 7)
-    results, duration = asyncio.run(run(bargs))
+    results, duration, cpu = run_clients(bargs, on_start)
     summary = summarize(results, duration, bargs)
     summary.pop("config")
+    summary["client_cpu"] = cpu / duration
     return results, summary
 
 
@@ -263,10 +266,13 @@ def serve_levels(args, url: str, levels: list[tuple[int, int]]) -> list[dict]:
     rows = []
     for i, (c, n) in enumerate(levels):
         drive(bench_args(args, url, _seed(args, 1, i), c, c))
-        before, cpu0, t0 = server_histograms(url), thread_cpu(os.getpid()), time.monotonic()
-        results, s = drive(bench_args(args, url, _seed(args, 0, i), n, c))
-        if cpu0:  # the client (this process), the server process and the engine process
-            s["cpu"] = cpu_use(cpu0, thread_cpu(os.getpid()), time.monotonic() - t0)
+        bargs = bench_args(args, url, _seed(args, 0, i), n, c)
+        before, start = server_histograms(url), {}
+        results, s = drive(bargs, lambda: start.update(cpu=thread_cpu(os.getpid()), t=time.monotonic()))
+        if start["cpu"]:  # the server process and the engine process (the client: its own count)
+            s["cpu"] = cpu_use(start["cpu"], thread_cpu(os.getpid()), time.monotonic() - start["t"])
+            s["cpu"]["processes"] = {k: v for k, v in s["cpu"]["processes"].items() if not k.startswith("client")}
+            s["cpu"]["processes"][f"client ({bargs.processes} processes)"] = round(s.pop("client_cpu"), 3)
         s["ttft_split"] = ttft_split(before, server_histograms(url), s)
         ok = [r for r in results if r.status == 200]
         s["prompt_tokens"] = [r.prompt_tokens for r in results]
@@ -430,7 +436,7 @@ def report(result: dict) -> str:
             f"{'CUDA-graph' if cfg['device'].startswith('cuda') and not cfg['no_cuda_graphs'] else 'eager'} decode. "
             f"Command: `{result['command']}`.", "",
             "Server: `vlmamba serve` in its own process, driven over HTTP by `vlmamba bench`'s client, "
-            "`concurrency` requests in flight. Offline: the same engine in-process with the same prompts, "
+            f"`concurrency` requests in flight, in ceil(concurrency / {cfg['streams_per_client']}) client processes. Offline: the same engine in-process with the same prompts, "
             "tokenized and preprocessed ahead of time, same concurrency. TTFT and ITL are the server's, seen "
             "by the client.", ""]
     header = ["concurrency", "requests", "server req/s", "server output tok/s", "offline output tok/s",
@@ -457,8 +463,8 @@ def report(result: dict) -> str:
                                  + [_ms(r["offline"]["ttft_s"]["mean"])] for r in split])]
     cpu = [r for r in result["levels"] if r["server"].get("cpu")]  # top: busiest threads of all processes
     if cpu:
-        text += ["", "CPU while each level ran, in cores (/proc): each process (`client` is the benchmark's "
-                 "HTTP client), then the busiest threads (`vlmamba-serve/vlmamba-serve` is the server's event "
+        text += ["", "CPU while each level ran, in cores (/proc; the client processes count their own): each "
+                 "process (`client`: the benchmark's HTTP client), then the busiest threads (`vlmamba-serve/vlmamba-serve` is the server's event "
                  "loop, `vlmamba-engine/engine` the engine loop)."]
         text += ["", markdown_table(["concurrency", "processes", "busiest threads"], [
             [r["concurrency"], ", ".join(f"{k} {v:.2f}" for k, v in r["server"]["cpu"]["processes"].items()),
@@ -518,6 +524,8 @@ def parse_args(argv):
     ap.add_argument("--image-size", type=int, default=384, help="image side in pixels")
     ap.add_argument("--turns", type=int, default=10, help="turns per conversation in the multi-turn run (0: skip)")
     ap.add_argument("--conversations", type=int, default=8, help="conversations of the multi-turn run, all in flight")
+    ap.add_argument("--streams-per-client", type=int, default=8, help="streams per client process: a level of "
+                    "concurrency c runs ceil(c / this) client processes, so the client keeps up with the server")
     ap.add_argument("--max-prefill-seqs", type=int, default=8, help="new sequences prefilled together per step")
     ap.add_argument("--state-cache-gb", type=float, default=1.0, help="session state cache, GiB")
     ap.add_argument("--max-model-len", type=int, default=16384, help="the server's prompt + completion limit "

@@ -15,10 +15,10 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server import errors
-from server.engine.threads import name_os_thread
 from server.errors import BodyTooLarge, Unauthorized, Unavailable
 from server.protocol import ChatCompletionRequest
 from server.settings import ServerSettings
+from server.threads import name_os_thread
 
 log = logging.getLogger(__name__)
 

@@ -37,6 +37,7 @@ class Result:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     text: str = ""
+    conversation: int = 0  # its index among the run's conversations
 
 
 @functools.lru_cache(maxsize=512)  # deterministic; callers may build them ahead of a timed run
@@ -94,6 +95,7 @@ async def conversation(client, args, idx: int, bar) -> list[Result]:
     for turn in range(args.turns):
         messages.append(user_turn(args, rng, images if turn == 0 else []))
         res = await one_request(client, args, messages, turn, session)
+        res.conversation = idx
         out.append(res)
         bar.update(1)
         if res.status != 200:
@@ -102,26 +104,107 @@ async def conversation(client, args, idx: int, bar) -> list[Result]:
     return out
 
 
-async def run(args) -> tuple[list[Result], float]:
+async def run(args, share: tuple[int, int] = (0, 1)) -> tuple[list[Result], float]:
+    """Run the conversations; ``share`` (k, n): only this client's share of them, of n clients
+    (conversations k, k + n, ...; concurrency and request rate split evenly)."""
+    k, n = share
+    indices = range(k, args.num_requests, n)
+    concurrency = _split(args.concurrency or args.num_requests, k, n)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=max(args.concurrency or 0, 64))
+    limits = httpx.Limits(max_connections=max(concurrency, 64), max_keepalive_connections=max(concurrency, 20))
     async with httpx.AsyncClient(base_url=args.server, headers=headers, timeout=args.timeout, limits=limits) as client:
-        sem = asyncio.Semaphore(args.concurrency or args.num_requests)
-        rng = random.Random(args.seed)
-        bar = tqdm(total=args.num_requests * args.turns, desc="bench", disable=args.quiet)
+        sem = asyncio.Semaphore(max(concurrency, 1))
+        rng = random.Random(args.seed * 1009 + k)
+        bar = tqdm(total=len(indices) * args.turns, desc="bench", disable=args.quiet or n > 1)
 
         async def gated(i: int):
             async with sem:
                 return await conversation(client, args, i, bar)
 
         t0, tasks = time.perf_counter(), []
-        for i in range(args.num_requests):
+        for i in indices:
             tasks.append(asyncio.create_task(gated(i)))
-            if args.request_rate:  # Poisson arrivals
-                await asyncio.sleep(rng.expovariate(args.request_rate))
+            if args.request_rate:  # Poisson arrivals (a share of a Poisson process is one)
+                await asyncio.sleep(rng.expovariate(args.request_rate / n))
         results = [r for conv in await asyncio.gather(*tasks) for r in conv]
         bar.close()
         return results, time.perf_counter() - t0
+
+
+def _split(total: int, k: int, n: int) -> int:
+    return total // n + (k < total % n)
+
+
+def run_clients(args, on_start=None) -> tuple[list[Result], float, float]:
+    """:func:`run` in ``args.processes`` client processes at once (one: in this one). A Python HTTP
+    client spends ~60 us of CPU per streamed chunk, so one process falls behind a server streaming
+    thousands of chunks a second and the latencies it measures grow with its own backlog.
+    Returns (results, seconds, CPU seconds the clients used while they ran). ``on_start()`` is
+    called as the clients start (the processes are up and have their images)."""
+    n = max(1, min(getattr(args, "processes", 1) or 1, args.num_requests))
+    if on_start is not None and n == 1:
+        on_start()
+    if n == 1:
+        cpu = time.process_time()
+        results, duration = asyncio.run(run(args))
+        return results, duration, time.process_time() - cpu
+    import multiprocessing as mp
+    import queue
+    import threading
+
+    ctx = mp.get_context("spawn")
+    ready, out = ctx.Barrier(n + 1), ctx.Queue()
+    conf = {k: v for k, v in vars(args).items() if k != "func"}
+    procs = [ctx.Process(target=_client_main, args=(conf, (k, n), ready, out), name=f"vlmamba-bench-{k}",
+                         daemon=True) for k in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        try:
+            ready.wait(timeout=120)  # every client has its images: start together
+        except threading.BrokenBarrierError:
+            pass  # a client failed first: every client reports, the failed one with its error
+        if on_start is not None:
+            on_start()
+        t0, got = time.monotonic(), []
+        while len(got) < n:
+            try:
+                got.append(out.get(timeout=1.0))
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs) and out.empty():
+                    got += ["a client process exited without a result"] * (n - len(got))
+        duration = time.monotonic() - t0
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    errors = sorted((g for g in got if isinstance(g, str)), key=lambda e: e.startswith("BrokenBarrierError"))
+    if errors:
+        raise RuntimeError(f"a client process failed: {errors[0]}")
+    results = sorted((r for results, _ in got for r in results), key=lambda r: (r.conversation, r.turn))
+    return results, duration, sum(cpu for _, cpu in got)
+
+
+def _client_main(conf: dict, share: tuple[int, int], ready, out) -> None:
+    try:
+        from server.threads import name_os_thread
+
+        name_os_thread("bench-client")
+        args = argparse.Namespace(**conf)
+        try:
+            for i in range(share[0], args.num_requests, share[1]):  # encode the images before the start
+                for k in range(args.images_per_request):
+                    make_image_url(args.image_size, i * 7 + k)
+        except BaseException:
+            ready.abort()  # nobody waits for this client
+            raise
+        ready.wait(timeout=120)
+        cpu = time.process_time()
+        results, _ = asyncio.run(run(args, share))
+        out.put((results, time.process_time() - cpu))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        out.put(f"{type(e).__name__}: {e}")
 
 
 def _pcts(xs: list[float]) -> dict:
@@ -183,6 +266,8 @@ def add_bench_parser(sub) -> None:
                    help="stop at end-of-sequence (default: always generate --max-tokens)")
     b.add_argument("--turns", type=int, default=1, help="turns per conversation (TTFT is reported per turn)")
     b.add_argument("--timeout", type=float, default=600, help="seconds per request")
+    b.add_argument("--processes", type=int, default=1, help="client processes sharing the conversations and the "
+                   "concurrency (one Python client keeps up with a few thousand streamed chunks a second)")
     b.add_argument("--seed", type=int, default=0, help="seed of prompts and arrivals")
     b.add_argument("--out", help="write the JSON summary here")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -190,7 +275,7 @@ def add_bench_parser(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    results, duration = asyncio.run(run(args))
+    results, duration, _ = run_clients(args)
     summary = summarize(results, duration, args)
     print(format_table(summary))
     print(json.dumps({k: summary[k] for k in ("request_throughput", "output_tokens_per_s", "ttft_s")}))

@@ -139,7 +139,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from server.app import create_app, draining_server
-    from server.engine.threads import name_os_thread
+    from server.threads import name_os_thread
     from server.settings import from_args
 
     settings = from_args(args)

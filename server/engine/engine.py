@@ -36,8 +36,8 @@ import torch
 
 from model.generate import SequenceDecoder, logits_mask, pick_tokens, to_device
 from server.engine.state_cache import StateCache, prefix_hashes, prompt_items
-from server.engine.threads import name_os_thread
 from server.engine.types import EngineOutput, EngineRequest, EngineStats
+from server.threads import name_os_thread
 
 log = logging.getLogger(__name__)
 

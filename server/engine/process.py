@@ -33,8 +33,8 @@ from dataclasses import replace
 import torch
 
 from server.engine.engine import Engine, EngineConfig, Observer
-from server.engine.threads import name_os_thread
 from server.engine.types import EngineOutput, EngineRequest, EngineStats, ImageInput
+from server.threads import name_os_thread
 
 log = logging.getLogger(__name__)
 

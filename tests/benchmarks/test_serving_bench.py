@@ -39,6 +39,7 @@ def test_serving_benchmark_demo_model_cpu(tmp_path, monkeypatch):
         if sys.platform.startswith("linux"):  # CPU by process and thread, from /proc, under the OS names
             procs = {k.split(" (")[0]: v for k, v in s["cpu"]["processes"].items()}
             assert {"client", "vlmamba-serve", "vlmamba-engine"} <= set(procs) and procs["vlmamba-engine"] > 0
+            assert 0 < procs["client"] < 2
             assert s["cpu"]["busiest_threads"][0][1] > 0
             assert any(name == "vlmamba-engine/engine" for name, _ in s["cpu"]["busiest_threads"])
     assert out["ttft_one_request_ms"] == pytest.approx(1000 * levels[0]["server"]["ttft_s"]["p50"])

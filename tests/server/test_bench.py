@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from server.cli import main
 from server.settings import ServerSettings
 from tests.server.live import LiveServer
@@ -27,3 +29,26 @@ def test_bench_measures_a_live_server_and_multi_turn_cache(demo, tmp_path, capsy
         assert main(["bench", "--server", srv.url, "--num-requests", "2", "--max-tokens", "2", "--quiet",
                      "--out", str(out)]) == 1
         assert json.loads(out.read_text())["errors_by_status"] == {"401": 2}
+
+
+def test_bench_shares_the_conversations_among_client_processes(demo, tmp_path):
+    """--processes 2 runs the same conversations as one process would, split between two."""
+    model, proc = demo
+    runs = {}
+    with LiveServer(ServerSettings(max_num_seqs=8), (model, proc, "shapes-demo")) as srv:
+        for n in (1, 2):
+            out = tmp_path / f"p{n}.json"
+            assert main(["bench", "--server", srv.url, "--num-requests", "5", "--concurrency", "3", "--max-tokens", "3",
+                         "--image-size", "48", "--turns", "2", "--processes", str(n), "--out", str(out),
+                         "--quiet"]) == 0
+            runs[n] = json.loads(out.read_text())
+    one, two = runs[1], runs[2]
+    assert two["requests"] == two["succeeded"] == 10 and two["duration_s"] > 0 and two["output_tokens_per_s"] > 0
+    # The same prompts (same seeds per conversation), whichever process ran them, in the same order.
+    key = lambda s: [(r["conversation"], r["turn"], r["prompt_tokens"]) for r in s["results"]]
+    assert key(one) == key(two) and [c for c, _, _ in key(two)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert two["cached_tokens_by_turn"]["1"] > 0  # each conversation's turns ran in order, in one process
+    # A client process that fails reports why.
+    with pytest.raises(RuntimeError, match="a client process failed: Connect"):
+        main(["bench", "--server", "http://127.0.0.1:1", "--num-requests", "2", "--processes", "2", "--quiet",
+              "--image-size", "16", "--max-tokens", "1"])
