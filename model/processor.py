@@ -73,12 +73,37 @@ class VLMambaProcessor(PromptEncoder):
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def preprocess_images(self, images: list) -> torch.Tensor | None:
-        """PIL images -> pixel_values (i, 3, H, W) float32."""
+    def preprocess_images(self, images: list, normalize: bool = True) -> torch.Tensor | None:
+        """PIL images -> pixel_values (i, 3, H, W) float32. With ``normalize=False``: the resized
+        (and cropped) pixels as uint8, before rescaling and normalizing, which
+        :meth:`normalize_pixels` then does on any device: a quarter of the bytes to hash, copy
+        and send. (A processor whose resized pixels are not whole numbers gives float32 anyway.)"""
         if not images:
             return None
         rgb = [im.convert("RGB") for im in images]
-        return self.image_processor(rgb, return_tensors="pt")["pixel_values"].float()
+        if normalize:
+            return self.image_processor(rgb, return_tensors="pt")["pixel_values"].float()
+        px = self.image_processor(rgb, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
+        if px.dtype == torch.uint8:
+            return px
+        if px.is_floating_point() and bool(((px >= 0) & (px <= 255) & (px == px.round())).all()):
+            return px.to(torch.uint8)
+        return self.preprocess_images(images)
+
+    def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels from ``preprocess_images(..., normalize=False)`` (any device) -> the float32
+        pixel_values ``preprocess_images`` gives: rescaled and normalized as the image processor
+        is configured to."""
+        ip = self.image_processor
+        x = pixels.float()
+        if ip.do_rescale:
+            x = x * ip.rescale_factor
+        if ip.do_normalize:
+            # Per channel, the channel axis third from the end: (3, H, W) or (i, 3, H, W).
+            mean = torch.tensor(ip.image_mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+            std = torch.tensor(ip.image_std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+            x = (x - mean) / std
+        return x
 
     def tokenize(self, text: str, num_images: int) -> list[int]:
         """Token ids of ``text`` with every ``<image>`` expanded to its visual-token positions."""

@@ -101,7 +101,9 @@ class ChatService:
             raise InvalidRequest(f"text parts may not contain the reserved marker {self.processor.image_token}",
                                  param="messages")
         ids = self.processor.tokenize(text, len(images))
-        pixels = self.processor.preprocess_images(images)
+        # uint8 where the processor allows (the engine normalizes them on its device): a quarter
+        # of the bytes to hash here and to send to the engine process.
+        pixels = self.processor.preprocess_images(images, normalize=False)
         inputs = [ImageInput(px, hashlib.sha256(px.numpy().tobytes()).hexdigest()[:32])
                   for px in (pixels if pixels is not None else [])]
         return ids, inputs

@@ -48,8 +48,9 @@ class CobraProcessor(PromptEncoder):
                 for p in m["content"] if p.get("type") in ("image", "image_url"))
         return IMAGE_TOKEN * n + self.render_prompt(messages, add_generation_prompt)
 
-    def preprocess_images(self, images: list) -> torch.Tensor | None:
-        """PIL images -> pixel_values (i, 3k, S, S) float32 (k featurizers' normalized pixels)."""
+    def preprocess_images(self, images: list, normalize: bool = True) -> torch.Tensor | None:
+        """PIL images -> pixel_values (i, 3k, S, S) float32 (k featurizers' normalized pixels),
+        with or without ``normalize`` (each featurizer normalizes its own way)."""
         if not images:
             return None
         return torch.stack([self.transform(im) for im in images])

@@ -296,8 +296,7 @@ class Engine:
         for i, s in enumerate(suffixes):
             ids[i, : len(s)] = torch.tensor(s)
         slots = to_device([r.slot for r in reqs], self.device, torch.long)
-        pixels = to_device(torch.stack(images), self.device) if images else None
-        logits = self.prefill_logits(to_device(ids, self.device), pixels, slots, lengths)
+        logits = self.prefill_logits(to_device(ids, self.device), self._pixels(images), slots, lengths)
         # The prompt's end: a resume point even if the reply does not re-tokenize the same.
         self._cache_states([(r, r.prompt_key, len(r.prompt_ids), r.slot) for r in reqs])
         self._emit(reqs, logits)
@@ -316,6 +315,16 @@ class Engine:
         if self.prefill_graphs is not None:
             return self.prefill_graphs.run(embeds, slots, lengths)
         return self.model.llm(inputs_embeds=embeds, state=self.state, slots=slots, lengths=lengths, last_only=True)
+
+    def _pixels(self, images: list[torch.Tensor]) -> torch.Tensor | None:
+        """The images' pixel_values on the device, (i, 3, H, W) float32: uint8 ones are copied as
+        such (a quarter of the bytes) and normalized there."""
+        if not images:
+            return None
+        if all(px.dtype == torch.uint8 for px in images):
+            return self.processor.normalize_pixels(to_device(torch.stack(images), self.device))
+        return to_device(torch.stack([px if px.is_floating_point() else self.processor.normalize_pixels(px)
+                                      for px in images]), self.device)
 
     def _suffix_images(self, reqs: list[EngineRequest]) -> list[torch.Tensor]:
         """Pixel values of the images whose placeholders lie in the uncached suffixes, in order.

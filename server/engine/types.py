@@ -13,7 +13,9 @@ from model.sampling import SamplingParams
 
 @dataclass
 class ImageInput:
-    """One preprocessed image: pixel_values (3, H, W) and a digest of its pixels (cache identity)."""
+    """One preprocessed image: pixel_values (3, H, W), float32 and normalized, or uint8 from
+    ``processor.preprocess_images(..., normalize=False)``, which the engine normalizes on its
+    device; and a digest of its pixels (cache identity)."""
 
     pixel_values: torch.Tensor
     digest: str

@@ -369,3 +369,34 @@ def test_engine_queues_decode_steps_without_waiting_for_the_device():
         assert len(strict_steps) >= 25 and max(strict_steps) == 6 and min(strict_steps) == 1
     finally:
         eng.shutdown()
+
+
+def test_uint8_pixels_are_normalized_on_the_device(engine, demo):
+    """The server sends uint8 pixels (a quarter of the bytes); the engine normalizes them on its
+    device. Alone, and batched with float pixels, the answers are the float pixels' answers."""
+    from server.engine import ImageInput
+
+    _, proc = demo
+    samples = [make_sample("test", i) for i in range(20, 26)]
+    qas = [s.qas[0] for s in samples]
+    answers = {}
+    for mode in ("float", "uint8", "mixed"):
+        cols = [Collector() for _ in samples]
+        for i, (s, qa, c) in enumerate(zip(samples, qas, cols)):
+            req = make_request(proc, f"{mode}{i}", [user(qa.question)], [s.image()], c)
+            if mode == "uint8" or (mode == "mixed" and i % 2):
+                px = proc.preprocess_images([s.image()], normalize=False)[0]
+                assert px.dtype == torch.uint8
+                req.images = [ImageInput(px, f"{mode}{i}")]  # own digests: no cache hits across modes
+            else:
+                req.images = [ImageInput(req.images[0].pixel_values, f"{mode}{i}")]
+            engine.add_request(req)
+        _wait(cols)
+        answers[mode] = [c.text for c in cols]
+    assert answers["uint8"] == answers["mixed"] == answers["float"] == [qa.answer for qa in qas]
+    # The pixels the vision tower got: the processor's own, to the last bit or so.
+    pics = [s.image() for s in samples[:3]]
+    want = proc.preprocess_images(pics)
+    raw = list(proc.preprocess_images(pics, normalize=False))
+    for given in (raw, [raw[0], want[1], raw[2]]):
+        torch.testing.assert_close(engine._pixels(given), want, atol=1e-6, rtol=0)
