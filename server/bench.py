@@ -114,7 +114,7 @@ async def run(args, share: tuple[int, int] = (0, 1)) -> tuple[list[Result], floa
     limits = httpx.Limits(max_connections=max(concurrency, 64), max_keepalive_connections=max(concurrency, 20))
     async with httpx.AsyncClient(base_url=args.server, headers=headers, timeout=args.timeout, limits=limits) as client:
         sem = asyncio.Semaphore(max(concurrency, 1))
-        rng = random.Random(args.seed * 1009 + k)
+        rng = random.Random(args.seed if n == 1 else args.seed * 1009 + k)
         bar = tqdm(total=len(indices) * args.turns, desc="bench", disable=args.quiet or n > 1)
 
         async def gated(i: int):
@@ -141,7 +141,9 @@ def run_clients(args, on_start=None) -> tuple[list[Result], float, float]:
     thousands of chunks a second and the latencies it measures grow with its own backlog.
     Returns (results, seconds, CPU seconds the clients used while they ran). ``on_start()`` is
     called as the clients start (the processes are up and have their images)."""
-    n = max(1, min(getattr(args, "processes", 1) or 1, args.num_requests))
+    # No more processes than conversations or than streams in flight (each runs at least one).
+    n = max(1, min(getattr(args, "processes", 1) or 1, args.num_requests, args.concurrency or args.num_requests))
+    args.processes = n
     if on_start is not None and n == 1:
         on_start()
     if n == 1:

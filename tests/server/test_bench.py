@@ -48,6 +48,13 @@ def test_bench_shares_the_conversations_among_client_processes(demo, tmp_path):
     key = lambda s: [(r["conversation"], r["turn"], r["prompt_tokens"]) for r in s["results"]]
     assert key(one) == key(two) and [c for c, _, _ in key(two)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert two["cached_tokens_by_turn"]["1"] > 0  # each conversation's turns ran in order, in one process
+    assert two["config"]["processes"] == 2
+    # Never more client processes than streams in flight: each one runs at least one.
+    with LiveServer(ServerSettings(max_num_seqs=8), (model, proc, "shapes-demo")) as srv:
+        out = tmp_path / "p.json"
+        assert main(["bench", "--server", srv.url, "--num-requests", "4", "--concurrency", "2", "--max-tokens", "2",
+                     "--image-size", "32", "--processes", "4", "--out", str(out), "--quiet"]) == 0
+        assert json.loads(out.read_text())["config"]["processes"] == 2
     # A client process that fails reports why.
     with pytest.raises(RuntimeError, match="a client process failed: Connect"):
         main(["bench", "--server", "http://127.0.0.1:1", "--num-requests", "2", "--processes", "2", "--quiet",
