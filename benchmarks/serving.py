@@ -155,10 +155,8 @@ def bench_args(args, url: str, seed: int, num_requests: int, concurrency: int, t
 def drive(bargs, on_start=None) -> tuple[list, dict]:
     """Run ``vlmamba bench``'s client; the summary gets ``client_cpu``: cores its processes used.
     ``on_start()``: called as the clients start."""
-    from server.bench import make_image_url, run_clients, summarize
+    from server.bench import run_clients, summarize
 
-    for idx in range(bargs.num_requests if bargs.processes == 1 else 0):  # encode the PNGs before the clock starts
-        make_image_url(bargs.image_size, idx * 7)
     results, duration, cpu = run_clients(bargs, on_start)
     summary = summarize(results, duration, bargs)
     summary.pop("config")
@@ -313,13 +311,13 @@ def workload(args, encode, seed: int, n: int) -> list[tuple[list[int], list]]:
     """The server's requests of ``vlmamba bench --seed seed``, encoded as the server encodes them."""
     import random
 
-    from server.bench import make_image_url, user_turn
+    from server.bench import conversation_images, user_turn
 
     bargs = bench_args(args, "", seed, n, 1)
     out = []
     for idx in range(n):  # as server/bench.py's ``conversation`` builds its first turn
         rng = random.Random(seed * 100003 + idx)
-        message = user_turn(bargs, rng, [make_image_url(args.image_size, idx * 7)])
+        message = user_turn(bargs, rng, conversation_images(bargs, idx))
         out.append(encode_message(encode, message))
     return out
 

@@ -88,9 +88,20 @@ async def one_request(client: httpx.AsyncClient, args, messages: list, turn: int
     return res
 
 
+def conversation_images(args, idx: int) -> list[str]:
+    """The data URLs of conversation ``idx``'s images (its first turn), the same in every run."""
+    return [make_image_url(args.image_size, idx * 7 + k) for k in range(args.images_per_request)]
+
+
+def _encode_images(args, share: tuple[int, int]) -> None:
+    """Encode the PNGs of a client's share of the conversations ahead of its run (they are cached)."""
+    for i in range(share[0], args.num_requests, share[1]):
+        conversation_images(args, i)
+
+
 async def conversation(client, args, idx: int, bar) -> list[Result]:
     rng = random.Random(args.seed * 100003 + idx)
-    images = [make_image_url(args.image_size, idx * 7 + k) for k in range(args.images_per_request)]
+    images = conversation_images(args, idx)
     messages, out, session = [], [], f"bench-{args.seed}-{idx}"
     for turn in range(args.turns):
         messages.append(user_turn(args, rng, images if turn == 0 else []))
@@ -144,9 +155,10 @@ def run_clients(args, on_start=None) -> tuple[list[Result], float, float]:
     # No more processes than conversations or than streams in flight (each runs at least one).
     n = max(1, min(getattr(args, "processes", 1) or 1, args.num_requests, args.concurrency or args.num_requests))
     args.processes = n
-    if on_start is not None and n == 1:
-        on_start()
     if n == 1:
+        _encode_images(args, (0, 1))  # before the clock starts, as each client process does
+        if on_start is not None:
+            on_start()
         cpu = time.process_time()
         results, duration = asyncio.run(run(args))
         return results, duration, time.process_time() - cpu
@@ -195,9 +207,7 @@ def _client_main(conf: dict, share: tuple[int, int], ready, out) -> None:
         name_os_thread("bench-client")
         args = argparse.Namespace(**conf)
         try:
-            for i in range(share[0], args.num_requests, share[1]):  # encode the images before the start
-                for k in range(args.images_per_request):
-                    make_image_url(args.image_size, i * 7 + k)
+            _encode_images(args, share)
         except BaseException:
             ready.abort()  # nobody waits for this client
             raise
