@@ -203,17 +203,16 @@ def ttft_split(before: dict, after: dict, client: dict) -> dict | None:
 
 
 def thread_cpu(pid: int) -> dict[tuple[int, int], tuple[str, float]]:
-    """CPU seconds (user + system) of every thread of ``pid`` and of the processes below it, by
-    (process id, thread id) -> ("process name/thread name", seconds), from /proc (Linux; {} elsewhere).
-    This process is named "client" (it runs the benchmark's HTTP client)."""
+    """CPU seconds (user + system) of every thread of the processes below ``pid`` (the server and
+    the engine process; the clients count their own), by (process id, thread id) -> ("process
+    name/thread name", seconds), from /proc (Linux; {} elsewhere)."""
     tick, out = os.sysconf("SC_CLK_TCK"), {}
-    for proc in [pid] + _descendants(pid):
+    for proc in _descendants(pid):
         st = _stat(f"/proc/{proc}/stat")
-        pname = "client" if proc == os.getpid() else st[0] if st else None
-        for task in _listdir(f"/proc/{proc}/task"):
+        for task in _listdir(f"/proc/{proc}/task") if st else []:
             tst = _stat(f"/proc/{proc}/task/{task}/stat")
-            if tst and pname:
-                out[(proc, int(task))] = (f"{pname}/{tst[0]}", (tst[1] + tst[2]) / tick)
+            if tst:
+                out[(proc, int(task))] = (f"{st[0]}/{tst[0]}", (tst[1] + tst[2]) / tick)
     return out
 
 
@@ -267,9 +266,8 @@ def serve_levels(args, url: str, levels: list[tuple[int, int]]) -> list[dict]:
         bargs = bench_args(args, url, _seed(args, 0, i), n, c)
         before, start = server_histograms(url), {}
         results, s = drive(bargs, lambda: start.update(cpu=thread_cpu(os.getpid()), t=time.monotonic()))
-        if start["cpu"]:  # the server process and the engine process (the client: its own count)
+        if start["cpu"]:  # the server process and the engine process; the client processes count their own
             s["cpu"] = cpu_use(start["cpu"], thread_cpu(os.getpid()), time.monotonic() - start["t"])
-            s["cpu"]["processes"] = {k: v for k, v in s["cpu"]["processes"].items() if not k.startswith("client")}
             s["cpu"]["processes"][f"client ({bargs.processes} processes)"] = round(s.pop("client_cpu"), 3)
         s["ttft_split"] = ttft_split(before, server_histograms(url), s)
         ok = [r for r in results if r.status == 200]
@@ -459,10 +457,10 @@ def report(result: dict) -> str:
                                  + [f"{r['server']['ttft_split'][k]:.1f}"
                                     for k in ("before_ms", "prepare_ms", "engine_ms", "after_ms")]
                                  + [_ms(r["offline"]["ttft_s"]["mean"])] for r in split])]
-    cpu = [r for r in result["levels"] if r["server"].get("cpu")]  # top: busiest threads of all processes
+    cpu = [r for r in result["levels"] if r["server"].get("cpu")]
     if cpu:
         text += ["", "CPU while each level ran, in cores (/proc; the client processes count their own): each "
-                 "process (`client`: the benchmark's HTTP client), then the busiest threads (`vlmamba-serve/vlmamba-serve` is the server's event "
+                 "process (`client`: the benchmark's HTTP client), then the server's busiest threads (`vlmamba-serve/vlmamba-serve` is the server's event "
                  "loop, `vlmamba-engine/engine` the engine loop)."]
         text += ["", markdown_table(["concurrency", "processes", "busiest threads"], [
             [r["concurrency"], ", ".join(f"{k} {v:.2f}" for k, v in r["server"]["cpu"]["processes"].items()),
