@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -382,11 +383,11 @@ def closed_loop(engine, prompts: list, concurrency: int, args, tag: str) -> dict
 def offline_levels(args, levels: list[tuple[int, int]], max_num_seqs: int) -> list[dict]:
     from model.checkpoint_vlm import load_vlmamba
     from server.engine import Engine, EngineConfig
-    from server.serving import ChatService
+    from server.prepare import encode as prepare
 
     model, proc = load_vlmamba(args.checkpoint, device=args.device, dtype=torch_dtype(args.dtype, args.device),
                                backend=args.backend, random_weights=args.random_weights)
-    encode = ChatService(None, proc, None, None, None, "")._encode  # the server's tokenizing and preprocessing
+    encode = partial(prepare, proc)  # the server's template, tokenizing and preprocessing
     cfg = EngineConfig(max_num_seqs, args.max_prefill_seqs, int(args.state_cache_gb * 2**30),
                        cuda_graphs=not args.no_cuda_graphs, prefill_graph_tokens=args.prefill_graph_tokens)
     engine = Engine(model, proc, cfg)
