@@ -69,7 +69,7 @@ class ServerProcess:
                "--state-cache-gb", str(a.state_cache_gb), "--max-queue", str(max(256, 2 * self.max_num_seqs)),
                "--max-model-len", str(a.max_model_len), "--grace-period", "5", "--no-webui"]
         return cmd + ["--random-weights"] * a.random_weights + ["--no-cuda-graphs"] * a.no_cuda_graphs + [
-            "--prefill-graph-tokens", str(a.prefill_graph_tokens)]
+            "--prefill-graph-tokens", str(a.prefill_graph_tokens), "--prepare-workers", str(a.prepare_workers)]
 
     def __enter__(self) -> "ServerProcess":
         # The benchmark fixes the whole configuration: no VLMAMBA_* setting leaks in from outside.
@@ -525,6 +525,8 @@ def parse_args(argv):
                     "concurrency c runs ceil(c / this) client processes, so the client keeps up with the server")
     ap.add_argument("--max-prefill-seqs", type=int, default=8, help="new sequences prefilled together per step")
     ap.add_argument("--state-cache-gb", type=float, default=1.0, help="session state cache, GiB")
+    ap.add_argument("--prepare-workers", type=int, default=-1,
+                    help="the server's worker processes for preparing requests (0: threads; -1: its auto rule)")
     ap.add_argument("--max-model-len", type=int, default=16384, help="the server's prompt + completion limit "
                     "(long conversations stay under it)")
     ap.add_argument("--seed", type=int, default=0, help="seed of prompts")
