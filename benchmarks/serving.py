@@ -31,7 +31,6 @@ import sys
 import tempfile
 import threading
 import time
-from functools import partial
 from pathlib import Path
 
 import httpx
@@ -69,7 +68,7 @@ class ServerProcess:
                "--state-cache-gb", str(a.state_cache_gb), "--max-queue", str(max(256, 2 * self.max_num_seqs)),
                "--max-model-len", str(a.max_model_len), "--grace-period", "5", "--no-webui"]
         return cmd + ["--random-weights"] * a.random_weights + ["--no-cuda-graphs"] * a.no_cuda_graphs + [
-            "--prefill-graph-tokens", str(a.prefill_graph_tokens), "--prepare-workers", str(a.prepare_workers)]
+            "--prefill-graph-tokens", str(a.prefill_graph_tokens)]
 
     def __enter__(self) -> "ServerProcess":
         # The benchmark fixes the whole configuration: no VLMAMBA_* setting leaks in from outside.
@@ -383,11 +382,11 @@ def closed_loop(engine, prompts: list, concurrency: int, args, tag: str) -> dict
 def offline_levels(args, levels: list[tuple[int, int]], max_num_seqs: int) -> list[dict]:
     from model.checkpoint_vlm import load_vlmamba
     from server.engine import Engine, EngineConfig
-    from server.prepare import encode as prepare
+    from server.serving import ChatService
 
     model, proc = load_vlmamba(args.checkpoint, device=args.device, dtype=torch_dtype(args.dtype, args.device),
                                backend=args.backend, random_weights=args.random_weights)
-    encode = partial(prepare, proc)  # the server's template, tokenizing and preprocessing
+    encode = ChatService(None, proc, None, None, None, "")._encode  # the server's tokenizing and preprocessing
     cfg = EngineConfig(max_num_seqs, args.max_prefill_seqs, int(args.state_cache_gb * 2**30),
                        cuda_graphs=not args.no_cuda_graphs, prefill_graph_tokens=args.prefill_graph_tokens)
     engine = Engine(model, proc, cfg)
@@ -525,8 +524,6 @@ def parse_args(argv):
                     "concurrency c runs ceil(c / this) client processes, so the client keeps up with the server")
     ap.add_argument("--max-prefill-seqs", type=int, default=8, help="new sequences prefilled together per step")
     ap.add_argument("--state-cache-gb", type=float, default=1.0, help="session state cache, GiB")
-    ap.add_argument("--prepare-workers", type=int, default=-1,
-                    help="the server's worker processes for preparing requests (0: threads; -1: its auto rule)")
     ap.add_argument("--max-model-len", type=int, default=16384, help="the server's prompt + completion limit "
                     "(long conversations stay under it)")
     ap.add_argument("--seed", type=int, default=0, help="seed of prompts")

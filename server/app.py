@@ -127,7 +127,6 @@ def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
     from server.engine import EngineConfig
     from server.images import ImageFetcher, ImageLimits
     from server.metrics import Metrics
-    from server.prepare import Preparer, auto_workers
     from server.serving import ChatService
 
     state = {}
@@ -149,16 +148,9 @@ def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
                                                    if d.strip()))
         fetcher = ImageFetcher(limits)
         app.state.engine = engine  # for operators' hooks and tests (e.g. fault injection)
-        workers = settings.prepare_workers if settings.prepare_workers >= 0 else auto_workers()
-        preparer = Preparer(proc, workers)
-        await preparer.start()
-        if workers:
-            log.info("preparing requests in %d worker processes", workers)
-        app.state.preparer = preparer
         state.update(engine=engine, metrics=metrics, name=name, started=int(time.time()),
-                     chat=ChatService(engine, proc, fetcher, settings, metrics, name, preparer))
+                     chat=ChatService(engine, proc, fetcher, settings, metrics, name))
         yield
-        await asyncio.to_thread(preparer.shutdown)
         await asyncio.to_thread(engine.shutdown)
         await fetcher.aclose()
 

@@ -12,9 +12,8 @@ from collections.abc import AsyncIterator
 
 from model.errors import InvalidRequest, PromptTooLong
 from model.sampling import SamplingParams
-from server.engine import EngineOutput, EngineRequest
+from server.engine import EngineOutput, EngineRequest, ImageInput
 from server.errors import EngineFailure, QueueFull
-from server.prepare import Preparer
 from server.protocol import (ChatCompletionRequest, chunk_body, completion_body, completion_id, content_chunk_sse, sse,
                              usage_dict)
 
@@ -29,9 +28,8 @@ def scope_of(api_key: str | None) -> str:
 
 
 class ChatService:
-    def __init__(self, engine, processor, fetcher, settings, metrics, model_name: str, preparer=None):
+    def __init__(self, engine, processor, fetcher, settings, metrics, model_name: str):
         self.engine, self.processor, self.fetcher = engine, processor, fetcher
-        self.preparer = preparer or Preparer(processor)  # template, tokens, pixels: threads or worker processes
         self.settings, self.metrics, self.model_name = settings, metrics, model_name
         self.pending = 0  # admitted, still fetching or tokenizing, not yet in the engine
         self._handoff: Handoff | None = None  # engine -> event loop delivery, made on the serving loop
@@ -95,6 +93,21 @@ class ChatService:
         self.metrics.fetch.observe(got.seconds)
         return got.image
 
+    def _encode(self, messages: list[dict], images: list) -> tuple[list[int], list[ImageInput]]:
+        """Runs in a worker thread: chat template, tokenizing, image preprocessing, digests."""
+        text = self.processor.apply_chat_template(messages)
+        if self.processor.image_token in "".join(p.get("text", "") for m in messages
+                                                 if isinstance(m["content"], list) for p in m["content"]):
+            raise InvalidRequest(f"text parts may not contain the reserved marker {self.processor.image_token}",
+                                 param="messages")
+        ids = self.processor.tokenize(text, len(images))
+        # uint8 where the processor allows (the engine normalizes them on its device): a quarter
+        # of the bytes to hash here and to send to the engine process.
+        pixels = self.processor.preprocess_images(images, normalize=False)
+        inputs = [ImageInput(px, hashlib.sha256(px.numpy().tobytes()).hexdigest()[:32])
+                  for px in (pixels if pixels is not None else [])]
+        return ids, inputs
+
     def _params(self, req: ChatCompletionRequest, prompt_len: int) -> SamplingParams:
         room = self.settings.max_model_len - prompt_len
         if room < 1:
@@ -118,7 +131,7 @@ class ChatService:
         start = time.monotonic()
         try:
             messages, images = await self._images_and_messages(req)
-            ids, inputs = await self.preparer.encode(messages, images)
+            ids, inputs = await asyncio.to_thread(self._encode, messages, images)
             params = self._params(req, len(ids))
         finally:
             self.pending -= 1

@@ -52,9 +52,6 @@ class ServerSettings:
                                        "replaying CUDA graphs")
     prefill_graph_tokens: int = _opt(2048, "prefill batches of up to this many tokens (padded to a graph's "
                                            "batch x length bucket) replay CUDA graphs; 0: always eager")
-    prepare_workers: int = _opt(-1, "worker processes that prepare requests (chat template, tokens, image "
-                                    "preprocessing) beside the server's threads; 0: threads only; -1: auto "
-                                    "(none below 8 CPUs, else a quarter of them, at most 8)")
     no_engine_process: bool = _opt(False, "run the engine in a thread of the HTTP server's process instead of a "
                                           "process of its own (simpler to debug; slower under many streams, "
                                           "where HTTP work and the engine share one interpreter lock)")
