@@ -95,14 +95,15 @@ class VLMambaProcessor(PromptEncoder):
         pixel_values ``preprocess_images`` gives: rescaled and normalized as the image processor
         is configured to."""
         ip = self.image_processor
-        x = pixels.float()
+        x = pixels.to(torch.float32, copy=True)
         if ip.do_rescale:
-            x = x * ip.rescale_factor
+            x.mul_(ip.rescale_factor)
         if ip.do_normalize:
-            # Per channel, the channel axis third from the end: (3, H, W) or (i, 3, H, W).
-            mean = torch.tensor(ip.image_mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-            std = torch.tensor(ip.image_std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-            x = (x - mean) / std
+            # Per channel (the axis third from the end: (3, H, W) or (i, 3, H, W)), with Python
+            # scalars: a tensor of the means made here would be a host-to-device copy, which
+            # waits for all the work queued on a GPU (the engine's decode steps) before it starts.
+            for c, (mean, std) in enumerate(zip(ip.image_mean, ip.image_std)):
+                x.select(-3, c).sub_(mean).div_(std)
         return x
 
     def tokenize(self, text: str, num_images: int) -> list[int]:
