@@ -17,7 +17,7 @@ from kernels._backend import BACKENDS, BackendUnavailable, resolve_backend
 from kernels.linear import linear_accumulate, linear_accumulate_ref, small_linear, small_linear_ref
 from kernels.norm import add_rms_norm, add_rms_norm_ref
 from kernels.causal_conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update, causal_conv1d_update_ref
-from kernels.decode import mixer_in, mixer_in_fusable, mixer_in_ref
+from kernels.decode import mixer_in, mixer_in_fusable, mixer_in_ref, mixer_out, mixer_out_ref
 from kernels.selective_scan import (
     selective_scan,
     selective_scan_ref,
@@ -40,6 +40,8 @@ __all__ = [
     "mixer_in",
     "mixer_in_fusable",
     "mixer_in_ref",
+    "mixer_out",
+    "mixer_out_ref",
     "selective_scan",
     "selective_scan_ref",
     "selective_state_update",

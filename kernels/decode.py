@@ -1,12 +1,17 @@
-"""The in_proj, conv and x_proj of a Mamba block's decode step as one op, for a few rows.
+"""A Mamba block's decode step as two ops, for a few rows: :func:`mixer_in`
 
     x, z = split(normed @ in_proj^T)
     x = silu(conv_update(x))                 # the slots' conv states shift in place
     x_proj_out += x @ x_proj^T               # float32, (b, r + 2n): dt_low, B, C
 
+and :func:`mixer_out`, the rest of the block
+
+    y = selective_state_update(x, dt_proj(dt_low), B, C, z)   # the slots' states in place
+    out += y @ out_proj^T                    # float32, (b, D)
+
 At a handful of rows every step is bound by reading weights, and between the projections sit
 small element-wise kernels whose launches cost as much as their work. One Triton kernel does
-all of it: each program streams its block of in_proj rows, runs the conv update on the x
+all of mixer_in: each program streams its block of in_proj rows, runs the conv update on the x
 channels it produced, and adds its channels' share of x_proj atomically into ``x_proj_out``.
 (The block's RMSNorm stays a kernel of its own: recomputing it in every program re-read the
 fp32 residual stream from L2 once per program, which cost more than the launch it saved; and
@@ -15,9 +20,16 @@ sums, slowed the stream more: the dot's operand then comes from registers, docs/
 The fast kernel reads the slots' conv windows before it waits for the kernel launched just
 before it (programmatic dependent launch): that kernel must not write ``conv_state`` (in the
 decode step it is the block's norm).
+:func:`mixer_out` gives each program of its kernel a block of channels: it runs the state
+update on them for every row, then streams out_proj's columns for those channels (a slice of
+the reduction) through a deep pipeline and adds its products atomically. At one or two rows
+that replaces a kernel launch and a round trip of y (docs/performance.md); the decode step uses
+it there (``model.mamba.MIXER_OUT_ROWS``). Its kernel reads the slots' states before its wait:
+the kernel launched just before it must not write ``state`` (in the decode step, ``mixer_in``).
 Shapes (glossary in ``kernels/__init__.py``, plus D = d_model, R = r + 2n): normed (b, D);
 in_weight (2d, D); conv_state (p, d, w - 1) with state_indices (b,); x_proj_weight (R, d);
-x_proj_out (b, R) float32, zeroed by the caller.
+x_proj_out (b, R) float32, zeroed by the caller; state (p, d, n); out_weight (D, d); out (b, D)
+float32.
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ import torch.nn.functional as F
 from kernels._backend import BackendUnavailable, needs_grad, resolve_backend
 from kernels.causal_conv1d import causal_conv1d_update_ref
 from kernels.linear import MAX_ROWS, linear_accumulate_ref
-from kernels.selective_scan import _triton_ops
+from kernels.selective_scan import _triton_ops, selective_state_update_ref
 
 
 def mixer_in_ref(normed, in_weight, conv_state, conv_weight, conv_bias, state_indices, x_proj_weight, x_proj_out,
@@ -67,3 +79,32 @@ def mixer_in(normed, in_weight, conv_state, conv_weight, conv_bias, state_indice
 
             return mixer_in_triton(*args, prefetch=prefetch)
     return mixer_in_ref(*args, prefetch)
+
+
+def mixer_out_ref(state, x, z, x_proj_out, A_log, D, dt_bias, dt_proj_weight, state_indices, out_weight, out,
+                  prefetch=None):
+    """The rest of the decode step after :func:`mixer_in`: the state update with dt_proj, softplus,
+    D and the SiLU(z) gate (:func:`kernels.selective_scan.selective_state_update_ref`), then
+    ``out += y @ out_weight^T`` (out (b, D) float32, y rounded to x's dtype first). x_proj_out
+    holds the float32 sums (dt_low, B, C); the ``state`` rows at ``state_indices`` update in
+    place. The fast kernel reads the states before it waits for the kernel launched just before
+    it, which must not write ``state`` (in the decode step it is ``mixer_in``). ``prefetch``: a
+    hint, as for :func:`mixer_in`. Returns ``out``."""
+    r, n = dt_proj_weight.shape[1], A_log.shape[-1]
+    dt_low, B, C = x_proj_out.split([r, n, n], dim=-1)
+    y = selective_state_update_ref(state, x, dt_low, A_log, B, C, D, z, dt_bias, True, state_indices,
+                                   dt_proj_weight, A_is_log=True)
+    return linear_accumulate_ref(y, out_weight, out)
+
+
+def mixer_out(state, x, z, x_proj_out, A_log, D, dt_bias, dt_proj_weight, state_indices, out_weight, out,
+              prefetch=None, backend: str = "auto"):
+    """Same contract as :func:`mixer_out_ref`; ``cuda`` runs the reference (no peer kernel)."""
+    args = (state, x, z, x_proj_out, A_log, D, dt_bias, dt_proj_weight, state_indices, out_weight, out)
+    if backend != "cuda":
+        chosen = resolve_backend(backend, "mixer_out", x.device, None, _triton_ops(), needs_grad(x, out_weight))
+        if chosen == "triton":
+            from kernels.triton import mixer_out_triton
+
+            return mixer_out_triton(*args, prefetch=prefetch)
+    return mixer_out_ref(*args, prefetch)

@@ -20,12 +20,19 @@ from kernels import (
     linear_accumulate,
     mixer_in,
     mixer_in_fusable,
+    mixer_out,
     selective_scan,
     selective_state_update,
     small_linear,
 )
 from model.config import MambaConfig
 from model.state import InferenceState
+
+# Rows up to which the fused decode step runs the state update and out_proj as one kernel
+# (:func:`kernels.mixer_out`); beyond, as two. Whole 64-layer steps at the 2.8B shapes replayed
+# on an H100: 2.451 -> 2.269 ms at one row, 2.614 -> 2.441 at two, but 2.69 -> 2.76 at four,
+# where the one kernel's serial loop over rows costs more than the launch it saves.
+MIXER_OUT_ROWS = 2
 
 
 class RMSNorm(nn.Module):
@@ -118,13 +125,17 @@ class MambaMixer(nn.Module):
                    xproj: torch.Tensor, ahead: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step for a few rows in three kernels: in_proj + conv + x_proj
         (:func:`kernels.mixer_in`), the state update with dt_proj fused, and out_proj adding into
-        ``out`` (b, D) float32. ``out`` and ``xproj`` (b, r + 2n) float32 arrive zeroed. ``ahead``:
+        ``out`` (b, D) float32; up to ``MIXER_OUT_ROWS`` rows the last two are one kernel
+        (:func:`kernels.mixer_out`). ``out`` and ``xproj`` (b, r + 2n) float32 arrive zeroed. ``ahead``:
         the first rows of the next weight read (the next layer's in_proj, or the LM head), which
         out_proj's kernel asks L2 to fetch as it ends; in_proj's kernel does the same for the
         first eighth of out_proj (hints only; kernels/triton/_pdl.py)."""
         conv_pool, ssm_pool = state.layer(self.layer_idx)
         x, z = mixer_in(normed, self.in_proj.weight, conv_pool, self.conv1d.weight[:, 0, :], self.conv1d.bias, slots,
                         self.x_proj.weight, xproj, prefetch=_head(self.out_proj.weight), backend=self.backend)
+        if x.shape[0] <= MIXER_OUT_ROWS:
+            return mixer_out(ssm_pool, x, z, xproj, self.A_log, self.D, self.dt_proj.bias, self.dt_proj.weight, slots,
+                             self.out_proj.weight, out, prefetch=ahead, backend=self.backend)
         dt_low, B, C = xproj.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         y = selective_state_update(ssm_pool, x, dt_low, self.A_log, B, C, self.D, z, self.dt_proj.bias, True,
                                    state_indices=slots, dt_proj_weight=self.dt_proj.weight, A_is_log=True,

@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton._math import silu
+from kernels.triton._math import silu, softplus
 from kernels.triton._pdl import enter, next_args, pdl_args, prefetch_rows, prefetch_span
+from kernels.triton.linear import fit_stages
 
 # Elements of each in_proj row prefetched into L2 while the previous kernel finishes (0: none).
 PREFETCH_K = 256
@@ -108,3 +109,119 @@ def mixer_in_triton(normed, in_weight, conv_state, conv_weight, conv_bias, state
         BLOCK_R=max(16, triton.next_power_of_2(R)), STAGES=stages, num_warps=warps,
         NEXT=next_bytes, **pdl_args(normed.device, in_weight, PREFETCH_K))
     return x, z
+
+
+@triton.jit
+def _ssm_row(state, hp, h, x, z, xp, wt, a, bias, dv, i, rd, rn, rr, md, mn, ms, r, n, s_x, s_z, s_xp):
+    """Row i's step on these channels: dt = softplus(dt_proj(dt_low) + bias), the state update
+    (stored where ``ms``), y = C.h + D x, gated by SiLU(z). Returns y (float32)."""
+    lo = tl.load(xp + i * s_xp + rr, mask=rr < r, other=0.0)
+    bv = tl.load(xp + i * s_xp + r + rn, mask=mn, other=0.0)
+    cv = tl.load(xp + i * s_xp + r + n + rn, mask=mn, other=0.0)
+    xv = tl.load(x + i * s_x + rd, mask=md, other=0.0).to(tl.float32)
+    zv = tl.load(z + i * s_z + rd, mask=md, other=0.0).to(tl.float32)
+    dtv = softplus(tl.sum(wt.to(tl.float32) * lo[None, :], axis=1) + bias, False)
+    h = h * tl.exp(a * dtv[:, None]) + bv[None, :] * (dtv * xv)[:, None]
+    tl.store(hp, h.to(state.dtype.element_ty), mask=ms)
+    y = tl.sum(h * cv[None, :], axis=1) + xv * dv
+    return y * silu(zv, False)
+
+
+@triton.jit
+def _mixer_out_kernel(state, idx, x, z, xp, A_log, Dp, dt_bias, w_dt, w_out, ys, out, nxt, nxt_bytes,
+                      m, d, n, r, E, s_pool, s_d, s_n, s_x, s_z, s_xp, s_A, s_wd, s_wo, s_ys, s_out,
+                      HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, ONE: tl.constexpr,
+                      STAGES: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, PF_COLS: tl.constexpr,
+                      NEXT: tl.constexpr):
+    # One program per block of channels: the state update on them for every row, then their
+    # share of out_proj (all E outputs by a K slice of BLOCK_C), added atomically.
+    pid = tl.program_id(0)
+    rd = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    rn = tl.arange(0, BLOCK_S)
+    rr = tl.arange(0, BLOCK_R)
+    ro = tl.arange(0, BLOCK_O)
+    md, mn = rd < d, rn < n
+    m2 = md[:, None] & mn[None, :]
+    # Before the wait, what the kernel just before (mixer_in) does not write: A, the dt bias, D,
+    # dt_proj's rows, the first row's state, and an L2 prefetch of the first tile of out_proj.
+    a = -tl.exp(tl.load(A_log + rd[:, None] * s_A + rn[None, :], mask=m2, other=0.0).to(tl.float32))
+    bias = tl.load(dt_bias + rd, mask=md, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros((BLOCK_C,), tl.float32)
+    dv = tl.load(Dp + rd, mask=md, other=0.0).to(tl.float32) if HAS_D else tl.zeros((BLOCK_C,), tl.float32)
+    wt = tl.load(w_dt + rd[:, None] * s_wd + rr[None, :], mask=md[:, None] & (rr < r)[None, :], other=0.0)
+    hp = state + tl.load(idx).to(tl.int64) * s_pool + rd[:, None] * s_d + rn[None, :] * s_n
+    h = tl.load(hp, mask=m2, other=0.0).to(tl.float32)
+    if PREFETCH:
+        prefetch_rows(w_out, tl.minimum(ro, E - 1), s_wo, pid * BLOCK_C, d, PF_COLS)
+    enter(PDL)
+    dt = ys.dtype.element_ty
+    y = _ssm_row(state, hp, h, x, z, xp, wt, a, bias, dv, 0, rd, rn, rr, md, mn, m2, r, n, s_x, s_z, s_xp)
+    tiles = tl.cdiv(E, BLOCK_O)
+    if ONE:  # one row: out_proj's products from registers, no round trip of y through memory
+        yr = y.to(dt).to(w_out.dtype.element_ty).to(tl.float32)
+        for t in tl.range(0, tiles, num_stages=STAGES):
+            rows = t * BLOCK_O + ro
+            mo = rows < E
+            w = tl.load(w_out + rows[:, None] * s_wo + rd[None, :], mask=mo[:, None] & md[None, :], other=0.0)
+            tl.atomic_add(out + rows, tl.sum(w.to(tl.float32) * yr[None, :], axis=1), mask=mo, sem="relaxed")
+    else:
+        tl.store(ys + rd, y.to(dt), mask=md)
+        for i in range(1, m):
+            hp = state + tl.load(idx + i).to(tl.int64) * s_pool + rd[:, None] * s_d + rn[None, :] * s_n
+            h = tl.load(hp, mask=m2, other=0.0).to(tl.float32)
+            y = _ssm_row(state, hp, h, x, z, xp, wt, a, bias, dv, i, rd, rn, rr, md, mn, m2, r, n, s_x, s_z, s_xp)
+            tl.store(ys + i * s_ys + rd, y.to(dt), mask=md)
+        tl.debug_barrier()  # the y rows, stored by all of the program's threads, become the dot's operand
+        rm = tl.arange(0, BLOCK_M)
+        mm = rm < m
+        yt = tl.load(ys + rm[:, None] * s_ys + rd[None, :], mask=mm[:, None] & md[None, :], other=0.0)
+        for t in tl.range(0, tiles, num_stages=STAGES):
+            rows = t * BLOCK_O + ro
+            mo = rows < E
+            w = tl.load(w_out + rows[:, None] * s_wo + rd[None, :], mask=mo[:, None] & md[None, :], other=0.0)
+            acc = tl.dot(yt.to(w.dtype), tl.trans(w))
+            tl.atomic_add(out + rm[:, None] * s_out + rows[None, :], acc, mask=mm[:, None] & mo[None, :], sem="relaxed")
+    if NEXT > 0:  # the next kernel's weights, as this program's stream ends
+        prefetch_span(nxt, pid.to(tl.int64) * NEXT, nxt_bytes, NEXT)
+
+
+def _mixer_out_config(b: int, itemsize: int, device) -> tuple[int, int, int, int]:
+    """(BLOCK_C, BLOCK_O, stages, warps): 80 programs at the 2.8B shapes (d = 5 120), each with
+    32 KB tiles of out_proj in a deep pipeline, from whole decode steps replayed on an H100
+    (docs/performance.md): 5 stages at one row, 4 at two; fewer where shared memory is smaller."""
+    block_c, block_o, stages, warps = 64, 256, (5 if b == 1 else 4), 8
+    return block_c, block_o, fit_stages(device, block_c * block_o * itemsize, stages), warps
+
+
+def mixer_out_triton(state, x, z, x_proj_out, A_log, D, dt_bias, dt_proj_weight, state_indices, out_weight, out,
+                     config=None, prefetch=None):
+    """state: (p, d, n) float32 (or bfloat16 storage), updated in place at rows ``state_indices``
+    (b,); x, z: (b, d) with b <= 16 and unit last strides; x_proj_out: (b, r + 2n) float32 sums
+    (dt_low, B, C); A_log: (d, n); D, dt_bias: (d,) or None; dt_proj_weight: (d, r);
+    out_weight: (E, d); out: (b, E) float32, to which y @ out_weight^T is added. ``config``:
+    (BLOCK_C, BLOCK_O, stages, warps) instead of :func:`_mixer_out_config`'s."""
+    b, d = x.shape
+    n = A_log.shape[-1]
+    r = dt_proj_weight.shape[1]
+    E = out_weight.shape[0]
+    assert state.shape[1:] == (d, n) and state_indices.shape == (b,) and b <= 16, (state.shape, b)
+    assert x_proj_out.shape == (b, r + 2 * n) and x_proj_out.dtype == torch.float32 and x_proj_out.stride(1) == 1
+    assert out_weight.shape == (E, d) and out_weight.stride(1) == 1 and dt_proj_weight.stride(1) == 1
+    assert out.shape == (b, E) and out.dtype == torch.float32 and out.stride(1) == 1
+    assert x.stride(1) == 1 and z.stride(1) == 1 and A_log.stride(1) == 1
+    block_c, block_o, stages, warps = config or _mixer_out_config(b, out_weight.element_size(), x.device)
+    block_c = min(block_c, triton.next_power_of_2(d))
+    ys = torch.empty(b, d, device=x.device, dtype=x.dtype)  # y, rounded, as the dot's operand (b > 1)
+    grid = (triton.cdiv(d, block_c),)
+    nxt, nxt_bytes, next_bytes = next_args(x.device, prefetch, grid[0], warps, x)
+    pdl = pdl_args(x.device)
+    _mixer_out_kernel[grid](
+        state, state_indices, x, z, x_proj_out, A_log, D if D is not None else x,
+        dt_bias if dt_bias is not None else x, dt_proj_weight, out_weight, ys, out, nxt, nxt_bytes,
+        b, d, n, r, E, *state.stride(), x.stride(0), z.stride(0), x_proj_out.stride(0), A_log.stride(0),
+        dt_proj_weight.stride(0), out_weight.stride(0), ys.stride(0), out.stride(0),
+        HAS_D=D is not None, HAS_BIAS=dt_bias is not None, BLOCK_C=block_c, BLOCK_S=triton.next_power_of_2(n),
+        BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_M=16, BLOCK_O=block_o, ONE=b == 1, STAGES=stages,
+        num_warps=warps, NEXT=next_bytes, PDL=pdl["PDL"], PREFETCH=pdl["PDL"],
+        PF_COLS=max(block_c, 128 // out_weight.element_size()), launch_pdl=pdl["launch_pdl"])
+    return out

@@ -8,6 +8,8 @@ adjacent, so all but the first find W's block in L2. Same contracts as
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -51,6 +53,20 @@ def _small_linear_kernel(x, w, bias, y, nxt, nxt_bytes, m, n, k, k_split, s_xm, 
         prefetch_span(nxt, (pid_k * tl.num_programs(0) + pid).to(tl.int64) * NEXT, nxt_bytes, NEXT)
 
 
+@functools.cache
+def _shared_memory(index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def fit_stages(device: torch.device, stage_bytes: int, stages: int) -> int:
+    """``stages`` pipeline stages of ``stage_bytes`` each, fewer (at least 2) where the GPU's
+    shared memory per program holds fewer (with 8 KB to spare); as asked on the CPU."""
+    if device.type != "cuda":
+        return stages
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(2, min(stages, (_shared_memory(index) - 8192) // stage_bytes))
+
+
 def _block_m(m: int) -> int:
     """Rows per program: all of up to 16 rows; beyond, blocks of 32 or 64."""
     return 16 if m <= 16 else min(64, triton.next_power_of_2(m))
@@ -66,10 +82,14 @@ def _config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
 
 
 def _accumulate_config(m: int, n: int) -> tuple[tuple[int, int, int, int], int]:
-    """(config, slices of k) of the accumulating form: 64-wide feature blocks in 8 slices of k for
-    out_proj at a few rows (the sweep in benchmarks/kernels.py); for narrow outputs over more
-    rows (x_proj: 192 features), 32 slices up to 64 rows and 16 beyond."""
-    return (64, 64, 4, 4), (8 if m <= 16 or n > 256 else 32 if m <= 64 else 16)
+    """(config, slices of k) of the accumulating form. out_proj at a few rows: 128 x 128 tiles in
+    a 5-stage pipeline, 8 warps, 4 slices of k (80 programs at the 2.8B shapes; whole decode
+    steps replayed on an H100: 2.684 -> 2.625 ms at 4 rows, 3.092 -> 3.068 at 16, against 64-wide
+    blocks in 8 slices, docs/performance.md). Narrow outputs (x_proj: 192 features): 64-wide
+    blocks, 8 slices up to 16 rows, 32 up to 64 rows and 16 beyond."""
+    if m <= 16 and n > 256:
+        return (128, 128, 5, 8), 4
+    return (64, 64, 4, 4), (8 if m <= 16 else 32 if m <= 64 else 16)
 
 
 def _launch(x, weight, bias, y, split, config, accumulate, prefetch=None):
@@ -77,6 +97,7 @@ def _launch(x, weight, bias, y, split, config, accumulate, prefetch=None):
     n = weight.shape[0]
     assert weight.shape == (n, k) and weight.stride(1) == 1 and x.stride(1) == 1, (x.shape, weight.shape)
     block_n, block_k, stages, warps = config
+    stages = fit_stages(x.device, block_n * block_k * weight.element_size(), stages)
     block_m = _block_m(m)
     mb = triton.cdiv(m, block_m)
     k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k

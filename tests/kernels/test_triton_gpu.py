@@ -236,16 +236,41 @@ def test_fused_in_proj_and_accumulate_bf16(m):
     assert max(errs.values()) < 1e-2
 
 
-def test_fused_decode_step_equals_unfused():
-    """The three-kernel step (few rows) and the per-op step give the same logits and states."""
+@pytest.mark.parametrize("m,state_dtype", [(1, torch.float32), (2, torch.float32), (4, torch.float32),
+                                           (1, torch.bfloat16)])
+def test_mixer_out_bf16(m, state_dtype):
+    """mixer_out (state update with dt_proj + out_proj in one kernel) at the 2.8B shapes: one row
+    (products from registers), two (the decode step's forms) and four (the tensor-core dot)."""
+    from kernels import mixer_out, mixer_out_ref
+
+    g = torch.Generator(device="cuda").manual_seed(10 + m)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)
+    x, z, xp = r(m, D).bfloat16(), r(m, D).bfloat16(), r(m, 160 + 2 * N)
+    A_log, Dv, bias = r(D, N) * 0.5, r(D), r(D) * 0.1 - 3
+    w_dt, w_out = (r(D, 160) * 160 ** -0.5).bfloat16(), (r(2560, D) * D ** -0.5).bfloat16()
+    pool, idx, out0 = r(m + 2, D, N).to(state_dtype), torch.randperm(m + 2, device="cuda", generator=g)[:m], r(m, 2560)
+    outs = []
+    for fn in (mixer_out_ref, mixer_out):
+        p, out = pool.clone(), out0.clone()
+        fn(p, x, z, xp, A_log, Dv, bias, w_dt, idx, w_out, out)
+        outs.append((out, p))
+    err, s_err = _rel(outs[1][0], outs[0][0]), _rel(outs[1][1], outs[0][1])
+    print(f"mixer_out m={m} {state_dtype}: out rel err {err:.2e}, state {s_err:.2e}")
+    assert err < 1e-2 and s_err < (1e-2 if state_dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("b", [1, 2, 3])
+def test_fused_decode_step_equals_unfused(b):
+    """The fused step (few rows: three kernels, two at one or two rows) and the per-op step give
+    the same logits and states."""
     from model.config import MambaConfig
     from model.mamba import MambaLM
 
     torch.manual_seed(1)
     with torch.device("cuda"):
         lm = MambaLM(MambaConfig(d_model=256, n_layer=4, vocab_size=1000), dtype=torch.bfloat16).init_weights(1)
-    ids = torch.randint(0, 1000, (3, 12), device="cuda")
-    slots = torch.tensor([0, 2, 1], device="cuda")
+    ids = torch.randint(0, 1000, (b, 12), device="cuda")
+    slots = torch.tensor([0, 2, 1][:b], device="cuda")
     logits, states = [], []
     with torch.inference_mode():
         for fused in (True, False):
@@ -260,7 +285,8 @@ def test_fused_decode_step_equals_unfused():
     assert err < 2e-2 and s_err < 2e-2
 
 
-def test_decode_graph_with_programmatic_dependent_launch_equals_plain_launches(monkeypatch):
+@pytest.mark.parametrize("rows", [1, 4])
+def test_decode_graph_with_programmatic_dependent_launch_equals_plain_launches(monkeypatch, rows):
     """The decode kernels launched with programmatic dependent launch (each waits for the kernel
     before it, after prefetching weights), with and without the prefetch of the next weights
     ahead, give, replayed from a CUDA graph over many steps, the logits and states of plain
@@ -279,8 +305,8 @@ def test_decode_graph_with_programmatic_dependent_launch_equals_plain_launches(m
     torch.manual_seed(2)
     with torch.device("cuda"):
         lm = MambaLM(MambaConfig(d_model=2560, n_layer=4, vocab_size=50280), dtype=torch.bfloat16).init_weights(2)
-    ids = torch.randint(0, 50280, (4, 48), device="cuda")
-    slots = torch.tensor([3, 0, 4, 1], device="cuda")
+    ids = torch.randint(0, 50280, (rows, 48), device="cuda")
+    slots = torch.tensor([3, 0, 4, 1][:rows], device="cuda")
     runs = {}
     with torch.inference_mode():
         for setting, ahead in (("0", True), ("1", False), ("1", True)):
@@ -296,7 +322,7 @@ def test_decode_graph_with_programmatic_dependent_launch_equals_plain_launches(m
     for ahead in (False, True):
         pdl_on, s_pdl = runs["1", ahead]
         err, s_err = _rel(pdl_on, plain), _rel(s_pdl, s_plain)
-        print(f"decode graph with PDL (ahead {ahead}) vs without (32 steps, b=4): logits rel err {err:.2e}, "
+        print(f"decode graph with PDL (ahead {ahead}) vs without (32 steps, b={rows}): logits rel err {err:.2e}, "
               f"state {s_err:.2e}")
         assert err < 1e-2 and s_err < 1e-2
         assert torch.equal(pdl_on.argmax(-1), plain.argmax(-1))

@@ -228,25 +228,61 @@ def mixer_in_cases():
                y_scale=x_ref.abs().max().item(), same_dtype=True)
 
 
-def fused_step_cases():
-    """A tiny LM's decode steps on the three-kernel path equal its parallel prefill."""
-    from model.config import MambaConfig
-    from model.mamba import MambaLM
+def mixer_out_cases():
+    """The state update with dt_proj fused, then out_proj accumulated, in one kernel: one row
+    (products from registers), several (the tensor-core dot), channels not a multiple of the
+    block, states stored as bfloat16, no D or dt bias."""
+    for (b, d, n, r_, E, dtype, sd, block_c, extra) in [
+            (1, 64, 16, 6, 40, torch.float32, torch.float32, 32, True), (3, 96, 16, 10, 48, torch.float16, torch.float32, 32, True),
+            (2, 40, 8, 4, 33, torch.float32, torch.bfloat16, 16, True), (16, 32, 16, 4, 32, torch.float32, torch.float32, 32, False),
+            (1, 48, 4, 5, 24, torch.float16, torch.float32, 32, False)]:
+        r = rng(b * 7 + d)
+        x, z, xp = r(b, d).to(dtype), r(b, d).to(dtype), r(b, r_ + 2 * n)
+        A_log, D, bias = r(d, n) * 0.5, r(d) if extra else None, r(d) * 0.1 if extra else None
+        w_dt, w_out = (r(d, r_) * 0.3).to(dtype), (r(E, d) * 0.2).to(dtype)
+        pool, idx, out0 = r(b + 3, d, n).to(sd), torch.randperm(b + 3)[:b], r(b, E)
+        outs = []
+        for backend in ("ref", "triton"):
+            p, out = pool.clone(), out0.clone()
+            if backend == "triton":
+                from kernels.triton import mixer_out_triton
 
+                mixer_out_triton(p, x, z, xp, A_log, D, bias, w_dt, idx, w_out, out, config=(block_c, 16, 2, 4))
+            else:
+                K.mixer_out(p, x, z, xp, A_log, D, bias, w_dt, idx, w_out, out, backend="ref")
+            outs.append((out, p))
+        (y_ref, p_ref), (y_tri, p_tri) = outs
+        untouched = [i for i in range(b + 3) if i not in idx.tolist()]
+        assert torch.equal(p_tri[untouched], pool[untouched]), "slots outside state_indices changed"
+        # bfloat16 states: float32 sums summed in another order may round to the neighbouring value.
+        one_step = p_ref.float().abs().max().item() * 2 ** -7 if sd == torch.bfloat16 else 0.0
+        record("mixer_out", [b, d, n, r_, E, str(sd)], dtype, y_err=err(y_tri, y_ref),
+               state_err=max(0.0, err(p_tri, p_ref) - one_step),
+               y_scale=y_ref.abs().max().item(), same_dtype=y_tri.dtype == y_ref.dtype)
+
+
+def fused_step_cases():
+    """A tiny LM's decode steps on the fused path equal its parallel prefill: at one and two
+    rows with the state update and out_proj in one kernel (mixer_out), at three in two."""
+    from model.config import MambaConfig
+    from model.mamba import MIXER_OUT_ROWS, MambaLM
+
+    assert MIXER_OUT_ROWS in (1, 2), "the rows below should cover both forms of the fused step"
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.float16):
-        with torch.no_grad():
-            lm = MambaLM(MambaConfig(d_model=32, n_layer=3, vocab_size=100), backend="ref").init_weights(0).to(dtype)
-            ids = torch.randint(0, 100, (2, 6))
-            full = lm(ids).float()
-            state, slots = lm.allocate_state(4), torch.tensor([2, 0])
-            lm(ids[:, :3], state=state, slots=slots)
-            lm.set_backend("triton")
-            assert lm._fuses_step(ids[:, 0].float()), "the fused step should run here"
-            steps = [lm.step(ids[:, t], state=state, slots=slots).float() for t in range(3, 6)]
-        y_err = max(err(s, full[:, t]) for s, t in zip(steps, range(3, 6)))
-        record("fused_decode_step", [2, 32, 3], dtype, y_err=y_err, state_err=0.0,
-               y_scale=full.abs().max().item(), same_dtype=True)
+        for b in (1, 2, 3):
+            with torch.no_grad():
+                lm = MambaLM(MambaConfig(d_model=32, n_layer=3, vocab_size=100), backend="ref").init_weights(0).to(dtype)
+                ids = torch.randint(0, 100, (b, 6))
+                full = lm(ids).float()
+                state, slots = lm.allocate_state(4), torch.tensor([2, 0, 3][:b])
+                lm(ids[:, :3], state=state, slots=slots)
+                lm.set_backend("triton")
+                assert lm._fuses_step(ids[:, 0].float()), "the fused step should run here"
+                steps = [lm.step(ids[:, t], state=state, slots=slots).float() for t in range(3, 6)]
+            y_err = max(err(s, full[:, t]) for s, t in zip(steps, range(3, 6)))
+            record("fused_decode_step", [b, 32, 3], dtype, y_err=y_err, state_err=0.0,
+                   y_scale=full.abs().max().item(), same_dtype=True)
 
 
 def unfused_step_cases():
@@ -273,6 +309,7 @@ def unfused_step_cases():
 state_update_cases()
 linear_cases()
 mixer_in_cases()
+mixer_out_cases()
 fused_step_cases()
 unfused_step_cases()
 fused_cases()
