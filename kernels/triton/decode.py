@@ -92,12 +92,15 @@ def mixer_in_triton(normed, in_weight, conv_state, conv_weight, conv_bias, state
     assert x_proj_out.dtype == torch.float32 and x_proj_out.shape == (b, R) and x_proj_out.stride(1) == 1
     x = torch.empty(b, d, device=normed.device, dtype=normed.dtype)
     z = torch.empty(b, d, device=normed.device, dtype=normed.dtype)
-    # From the sweep in benchmarks/kernels.py (H100, 2.8B shapes); 16-channel blocks for other widths.
-    block_n, block_k, stages, warps = config or ((32, 128, 3, 4) if b <= 4 else (64, 256, 4, 4))
+    # Whole 64-layer decode steps at the 2.8B shapes replayed on an H100 (docs/performance.md):
+    # 4 stages of 32 x 128 up to 8 rows (3 stages: 1-3 % slower at 1-8 rows), 64 x 256 beyond;
+    # 16-channel blocks for other widths.
+    block_n, block_k, stages, warps = config or ((32, 128, 4, 4) if b <= 8 else (64, 256, 4, 4))
     if config is None and in_weight.element_size() > 2:
         block_k //= 2  # fp32 weights: the same bytes per pipeline stage (the 16-bit tiles fill shared memory)
     if d % block_n:
         block_n = 16
+    stages = fit_stages(normed.device, block_n * block_k * in_weight.element_size(), stages)
     assert d % block_n == 0
     nxt, nxt_bytes, next_bytes = next_args(normed.device, prefetch, d // block_n, warps, normed)
     _mixer_in_kernel[(2 * d // block_n,)](
