@@ -16,7 +16,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import kernels.triton._pdl as P  # noqa: E402
 from kernels.triton._pdl import next_args, pdl, pdl_args  # noqa: E402
-from kernels.triton.decode import _mixer_in_kernel  # noqa: E402
+from kernels.triton.decode import _mixer_in_kernel, _mixer_out_kernel  # noqa: E402
 from kernels.triton.linear import _small_linear_kernel  # noqa: E402
 from kernels.triton.norm import _add_rms_norm_kernel  # noqa: E402
 from kernels.triton.selective_state_update import _ssu_kernel  # noqa: E402
@@ -32,6 +32,10 @@ KERNELS = {
                      | dict.fromkeys(("x", "dt", "B", "C", "z", "out", "Wdt"), BF16) | {"idx": "*i64"},
                      dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_IDX=True, LOWRANK=True,
                           A_IS_LOG=True, BLOCK_D=32, BLOCK_N=16, BLOCK_R=64, EARLY=False, EARLY_W=False), 256, False),
+    "mixer_out": (_mixer_out_kernel, dict.fromkeys(("state", "xp", "A_log", "Dp", "dt_bias", "out"), "*fp32")
+                  | dict.fromkeys(("x", "z", "w_dt", "w_out", "ys"), BF16) | {"idx": "*i64"},
+                  dict(HAS_D=True, HAS_BIAS=True, BLOCK_C=64, BLOCK_S=16, BLOCK_R=256, BLOCK_M=16, BLOCK_O=256,
+                       ONE=True, STAGES=5, PF_COLS=64), 1, True),
     "norm": (_add_rms_norm_kernel, {"x": BF16, "res": "*fp32", "w": BF16, "out": BF16, "res_out": "*fp32",
                                     "eps": "fp32"}, dict(HAS_RES=True, BLOCK=4096), 0, False),
 }
@@ -41,10 +45,15 @@ _SSU = KERNELS["state_update"]
 KERNELS["state_update_early"] = (_SSU[0], _SSU[1], _SSU[2] | dict(BLOCK_D=16, BLOCK_R=256, EARLY=True, EARLY_W=True),
                                  0, True)
 KERNELS["state_update_early32"] = (_SSU[0], _SSU[1], _SSU[2] | dict(EARLY=True), 256, True)
+# mixer_out over several rows: y through memory to the tensor-core dot.
+_MO = KERNELS["mixer_out"]
+KERNELS["mixer_out_rows"] = (_MO[0], _MO[1], _MO[2] | dict(ONE=False, STAGES=4), 1, True)
 # What a kernel may read before its wait: what the kernel launched just before it does not write.
 EARLY_SOURCES = {"mixer_in": {"cpool", "cw", "cb", "idx"},
                  "state_update_early": {"state", "A", "D", "dt_bias", "idx", "Wdt"},
-                 "state_update_early32": {"state", "A", "D", "dt_bias", "idx", "Wdt"}}
+                 "state_update_early32": {"state", "A", "D", "dt_bias", "idx", "Wdt"},
+                 "mixer_out": {"state", "idx", "A_log", "Dp", "dt_bias", "w_dt"},
+                 "mixer_out_rows": {"state", "idx", "A_log", "Dp", "dt_bias", "w_dt"}}
 
 
 def _signature(name: str, on: bool, next_bytes: int = 0) -> tuple:
@@ -129,7 +138,7 @@ def test_prefetch_rounds_up_to_whole_lines(monkeypatch):
     assert pdl_args(torch.device("cuda"))["PREFETCH"] == 0 and pdl_args(torch.device("cuda"))["launch_pdl"]
 
 
-@pytest.mark.parametrize("name", ["mixer_in", "out_proj"])
+@pytest.mark.parametrize("name", ["mixer_in", "out_proj", "mixer_out", "mixer_out_rows"])
 def test_prefetch_ahead_is_issued_after_the_wait(name):
     ptx = _ptx(name, True, next_bytes=40960)
     wait = ptx.find("griddepcontrol.wait")
@@ -157,3 +166,17 @@ def test_prefetch_ahead_splits_the_next_weights_evenly_over_the_programs(monkeyp
     monkeypatch.setattr(P, "PREFETCH_AHEAD", True)
     monkeypatch.setattr("kernels.triton._pdl.pdl", lambda device: False)  # plain launches prefetch nothing
     assert next_args(cuda, w, 160, 4, dummy) == (dummy, 0, 0)
+
+
+def test_pipeline_stages_fit_the_shared_memory(monkeypatch):
+    """The deep pipelines of mixer_out and out_proj (5 stages of 32 KB tiles) shrink where a GPU
+    has less shared memory per program than an H100's 227 KB, so the kernels still launch."""
+    import kernels.triton.linear as L
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(L, "_shared_memory", lambda index: 232448)  # H100
+    assert L.fit_stages(cuda, 32768, 5) == 5 and L.fit_stages(cuda, 65536, 5) == 3
+    monkeypatch.setattr(L, "_shared_memory", lambda index: 101376)  # 99 KB (sm_86/89)
+    assert L.fit_stages(cuda, 32768, 5) == 2 and L.fit_stages(cuda, 8192, 4) == 4
+    assert L.fit_stages(cuda, 1 << 20, 4) == 2  # never below a double buffer
+    assert L.fit_stages(torch.device("cpu"), 1 << 20, 5) == 5  # the interpreter takes any
