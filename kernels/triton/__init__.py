@@ -15,5 +15,5 @@ OPS = frozenset({"add_rms_norm", "selective_scan", "selective_state_update", "ca
                  "small_linear", "linear_accumulate", "mixer_in", "mixer_out"})
 
 __all__ = ["OPS", "add_rms_norm_triton", "causal_conv1d_triton", "causal_conv1d_update_triton",
-           "linear_accumulate_triton", "mixer_in_triton", "mixer_out_triton", "selective_scan_triton", "selective_state_update_triton",
-           "small_linear_triton"]
+           "linear_accumulate_triton", "mixer_in_triton", "mixer_out_triton", "selective_scan_triton",
+           "selective_state_update_triton", "small_linear_triton"]

@@ -1,10 +1,15 @@
-"""The decode step's in_proj, conv update + SiLU and x_proj partial sums in one Triton kernel.
-Same contract as :func:`kernels.decode.mixer_in_ref`.
+"""The decode step of a Mamba block at a few rows in two Triton kernels.
 
-One program per block of in_proj rows streams them through the tensor-core dot against the
-few normalised rows. A block of z rows is stored; a block of x rows runs the conv update on its
-channels' pool rows, applies SiLU and adds ``x @ x_proj[:, block]^T`` into the float32 output
-atomically.
+``mixer_in``: in_proj, conv update + SiLU and x_proj partial sums; same contract as
+:func:`kernels.decode.mixer_in_ref`. One program per block of in_proj rows streams them through
+the tensor-core dot against the few normalised rows. A block of z rows is stored; a block of x
+rows runs the conv update on its channels' pool rows, applies SiLU and adds
+``x @ x_proj[:, block]^T`` into the float32 output atomically.
+
+``mixer_out``: dt_proj, the state update, D and the gate, then out_proj; same contract as
+:func:`kernels.decode.mixer_out_ref`. One program per block of channels runs the state update on
+them for every row, then streams out_proj's columns for those channels (every output, a slice of
+the reduction) and adds its products into the float32 output atomically.
 """
 
 from __future__ import annotations

@@ -232,10 +232,11 @@ def mixer_out_cases():
     """The state update with dt_proj fused, then out_proj accumulated, in one kernel: one row
     (products from registers), several (the tensor-core dot), channels not a multiple of the
     block, states stored as bfloat16, no D or dt bias."""
+    f32, f16 = torch.float32, torch.float16
     for (b, d, n, r_, E, dtype, sd, block_c, extra) in [
-            (1, 64, 16, 6, 40, torch.float32, torch.float32, 32, True), (3, 96, 16, 10, 48, torch.float16, torch.float32, 32, True),
-            (2, 40, 8, 4, 33, torch.float32, torch.bfloat16, 16, True), (16, 32, 16, 4, 32, torch.float32, torch.float32, 32, False),
-            (1, 48, 4, 5, 24, torch.float16, torch.float32, 32, False)]:
+            (1, 64, 16, 6, 40, f32, f32, 32, True), (3, 96, 16, 10, 48, f16, f32, 32, True),
+            (2, 40, 8, 4, 33, f32, torch.bfloat16, 16, True), (16, 32, 16, 4, 32, f32, f32, 32, False),
+            (1, 48, 4, 5, 24, f16, f32, 32, False)]:
         r = rng(b * 7 + d)
         x, z, xp = r(b, d).to(dtype), r(b, d).to(dtype), r(b, r_ + 2 * n)
         A_log, D, bias = r(d, n) * 0.5, r(d) if extra else None, r(d) * 0.1 if extra else None
