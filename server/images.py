@@ -309,6 +309,12 @@ class ImageFetcher:
             raise ImageURLRefused(f"image URL scheme {scheme!r} is not allowed; use {allowed}")
         if not target.raw_host:
             raise ImageError("the image URL has no host", code="invalid_image_url")
+        if target.port is not None and not 0 < target.port < 65536:
+            raise ImageError("the image URL's port is not between 1 and 65535", code="invalid_image_url")
+        try:  # empty or over-long labels ("a..b", 64 characters), which the resolver cannot encode
+            target.host.rstrip(".").encode("idna")
+        except UnicodeError:
+            raise ImageError("the image URL's host is not a valid host name", code="invalid_image_url") from None
         if target.userinfo:
             raise ImageURLRefused("image URLs must not contain credentials (user:password@)")
         return target
@@ -341,7 +347,7 @@ class ImageFetcher:
         else:
             try:
                 addresses = list(dict.fromkeys(await self._resolve(name)))
-            except OSError:
+            except (OSError, UnicodeError):
                 addresses = []
             if not addresses:
                 raise ImageFetchFailed(f"could not resolve image host {_label(name)}")

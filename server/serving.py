@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 _warned_fields: set[str] = set()
 KNOWN = set(ChatCompletionRequest.model_fields)
 
+MAX_STOP_CHARS = 256  # per stop sequence
+
 
 def scope_of(api_key: str | None) -> str:
     """Cache scope of a caller: a digest of the API key (never the key itself)."""
@@ -120,6 +122,9 @@ class ChatService:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 4:
             raise InvalidRequest("at most 4 stop sequences", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            # The engine matches stop strings on every token it detokenizes, in the loop all requests share.
+            raise InvalidRequest(f"stop sequences may be at most {MAX_STOP_CHARS} characters", param="stop")
         return SamplingParams(max_tokens=asked or min(room, self.settings.default_max_tokens),
                               temperature=1.0 if req.temperature is None else req.temperature,
                               top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,

@@ -122,6 +122,8 @@ def _post(live, body, **kw):
     ("prompt_too_long", 400, "context_length_exceeded"),
     ("bad_temperature", 400, "invalid_request"),
     ("n_two", 400, "invalid_request"),
+    ("long_stop", 400, "invalid_request"),
+    ("bad_image_host", 400, "invalid_image_url"),
     ("missing_messages", 400, "invalid_request"),
     ("fetch_404", 502, "image_fetch_failed"),
     ("fetch_timeout", 504, "image_fetch_timeout"),
@@ -141,6 +143,10 @@ def test_errors_have_openai_shape_and_leave_the_server_clean(live, images, sampl
         body["temperature"] = 7
     elif case == "n_two":
         body["n"] = 2
+    elif case == "long_stop":  # matched on every token in the engine's loop: bounded in length
+        body["stop"] = ["z" * 257]
+    elif case == "bad_image_host":  # an empty label, which the resolver cannot encode
+        body["messages"] = ask("http://a..b/x.png", "Hi")
     elif case == "missing_messages":
         body.pop("messages")
     elif case == "fetch_404":

@@ -313,6 +313,16 @@ def test_invalid_urls(url):
         fetch(url)
 
 
+@pytest.mark.parametrize("url,match", [("http://a..b/x.png", "host name"), ("http://.com/", "host name"),
+                                       ("http://" + "a" * 64 + ".com/", "host name"),
+                                       ("http://127.0.0.1:99999/x.png", "port"), ("http://127.0.0.1:0/x.png", "port")])
+def test_hosts_and_ports_no_resolver_or_socket_takes_are_invalid_urls(url, match):
+    # Before, the resolver's UnicodeError and the socket's OverflowError escaped as 500s.
+    with pytest.raises(ImageError, match=match) as err:
+        fetch(url, allow_private=True)
+    assert err.value.status == 400 and err.value.code == "invalid_image_url"
+
+
 # ------------------------------------------------------------------------------------------ fetching
 def test_fetch_png(server):
     got = fetch(f"{server.base}/png", allow_private=True)
