@@ -43,14 +43,19 @@ def cmd_generate(args) -> int:
     from model.sampling import SamplingParams
 
     from model.demo import DEMO_CHECKPOINT
+    from model.errors import InvalidRequest
 
+    try:  # the arguments first, so that a bad one is a usage error before the model loads
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+        images = [Image.open(p) for p in args.image]
+    except (InvalidRequest, OSError) as err:
+        print(f"vlmamba generate: error: {err}", file=sys.stderr)
+        return 2
     device = args.device or _best_device()
     model, proc = load_vlmamba(args.checkpoint or DEMO_CHECKPOINT, device=device, dtype=_torch_dtype(args.dtype, device),
                                backend=args.backend)
-    images = [Image.open(p) for p in args.image]
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     it = stream_generate(model, proc, messages=[{"role": "user", "content": content}], images=images, params=params)
     while True:
         try:

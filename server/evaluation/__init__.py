@@ -46,6 +46,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def add_eval_parser(subparsers) -> None:
     """Add the ``eval`` subcommand to ``vlmamba``'s subparsers; its ``func`` returns the exit code."""
     e = subparsers.add_parser(
@@ -95,7 +105,7 @@ def add_eval_parser(subparsers) -> None:
     e.add_argument("--max-tokens", type=_positive, metavar="N",
                    help="longest answer in tokens (default 16; mmvet 256; shapes 64)")
     e.add_argument("--timeout", type=float, default=300.0, metavar="S", help="seconds per request (default 300)")
-    e.add_argument("--max-retries", type=int, default=8, metavar="N",
+    e.add_argument("--max-retries", type=_non_negative, default=8, metavar="N",
                    help="retries of a request answered 429/502/503/504 or cut off, waiting as the server's "
                         "Retry-After says (default 8)")
     e.add_argument("--judge-url", metavar="URL",

@@ -58,6 +58,8 @@ def _error_text(r: httpx.Response) -> str:
 class ChatClient:
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 300.0, max_retries: int = 8,
                  max_wait: float = 120.0):
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be 0 or more, got {max_retries}")
         self.base = api_base(url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.AsyncClient(timeout=timeout, headers=headers,

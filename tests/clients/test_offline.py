@@ -89,6 +89,15 @@ def test_retry_after_and_backoff():
     assert not policy.retry_status(500, 0, None)
 
 
+def test_a_negative_retry_count_is_refused_up_front():
+    # It used to make every call end in an AssertionError ("unreachable"), having tried nothing.
+    for make in (lambda: RetryPolicy(max_retries=-1), lambda: Client("http://test", max_retries=-1),
+                 lambda: AsyncClient("http://test", max_retries=-1)):
+        with pytest.raises(ValueError, match="max_retries"):
+            make()
+    assert _client(lambda request: httpx.Response(200, json={"status": "ok"}), max_retries=0).health().status == "ok"
+
+
 def _client(handler, **kw) -> Client:
     return Client("http://test", backoff=0.01, http_client=httpx.Client(transport=httpx.MockTransport(handler)),
                   **kw)

@@ -3,7 +3,9 @@
 import email.utils
 import json
 
-from server.evaluation.client import api_base, retry_after
+import pytest
+
+from server.evaluation.client import ChatClient, api_base, retry_after
 from server.evaluation.data import Item, Source, limit_items, strip_llava_prompt
 from server.evaluation.runner import build_prompts, paths, read_records
 from server.evaluation.tasks import get_task
@@ -87,3 +89,10 @@ def test_help_explains_every_option():
                  "--model", "--prompt-suffix", "--judge-url", "docs/eval.md", "mmbench", "shapes"):
         assert flag in text
     assert all(a.help for a in parser._subparsers._group_actions[0].choices["eval"]._actions)
+
+
+def test_a_negative_retry_count_is_refused():
+    with pytest.raises(ValueError, match="max_retries"):
+        ChatClient("http://127.0.0.1:9", max_retries=-1)
+    with pytest.raises(SystemExit):
+        parse(["--server", "x", "--task", "pope", "--max-retries", "-1"])

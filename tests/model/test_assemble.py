@@ -76,3 +76,12 @@ def test_generate_command_streams_an_answer(tiny_vlm, images, tmp_path, capsys):
               "--prompt", "Describe the image.", "--max-tokens", "5"])
     cap = capsys.readouterr()
     assert rc == 0 and "finish_reason=" in cap.err and "5 tokens" in cap.err
+
+
+@pytest.mark.parametrize("args,message", [(["--temperature", "3"], "temperature"), (["--max-tokens", "0"], "max_tokens"),
+                                          (["--stop", ""], "stop"), (["--image", "/no/such/image.png"], "No such file")])
+def test_generate_command_reports_bad_arguments_as_usage_errors(args, message, capsys):
+    # Checked before any model loads (the checkpoint does not exist either).
+    rc = cli(["generate", "--checkpoint", "/no/such/checkpoint", "--prompt", "hi", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("vlmamba generate: error:") and message in err and "Traceback" not in err

@@ -53,6 +53,10 @@ class RetryPolicy:
     max_backoff: float = 8.0   # cap of the computed delay
     max_retry_after: float = 60.0  # a longer Retry-After is not waited for: the error is raised
 
+    def __post_init__(self):
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be 0 or more, got {self.max_retries}")
+
     def retry_status(self, status: int, attempt: int, retry_after: float | None) -> bool:
         if attempt >= self.max_retries or status not in (429, 503):
             return False
