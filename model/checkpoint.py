@@ -100,9 +100,12 @@ def assign_weights(build, sd: dict[str, torch.Tensor], device="cpu", dtype: torc
     """
     with torch.device("meta"):
         module = build()
+    aliases: dict[int, list[str]] = {}  # tied weights: names sharing one parameter (the LM head and the embedding)
+    for name, p in module.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    others = {n: [m for m in names if m != n] for names in aliases.values() for n in names}
     missing, unexpected = module.load_state_dict(sd, strict=False, assign=True)
-    tied = {"lm_head.weight", "llm.lm_head.weight"}
-    missing = [k for k in missing if k not in tied]
+    missing = [k for k in missing if not any(m in sd for m in others.get(k, []))]  # a tie's other name holds it
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
     retie(module)

@@ -73,7 +73,9 @@ def prepare_tokenizer(tokenizer):
     if not tokenizer.chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     if tokenizer.eos_token is None:
-        tokenizer.eos_token = EOS_TOKEN
+        # A special token of its own: generation stops on its id, and the chat template's end of
+        # turn tokenizes to it (setting the attribute alone leaves it unknown to the vocabulary).
+        tokenizer.add_special_tokens({"eos_token": EOS_TOKEN})
     return image_id
 
 

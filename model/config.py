@@ -79,6 +79,9 @@ class MambaConfig:
                    tie_embeddings=d.get("tie_word_embeddings", True))
 
     def to_mamba_ssm(self) -> dict[str, Any]:
+        if self.norm_eps != 1e-5:  # mamba_ssm's config has no such field: its models all use 1e-5
+            raise ValueError(f"the mamba_ssm layout cannot record norm_eps={self.norm_eps} (it always means 1e-5); "
+                             "save this model with layout='hf'")
         return {"d_model": self.d_model, "n_layer": self.n_layer, "vocab_size": self.vocab_size,
                 "ssm_cfg": {"d_state": self.d_state, "d_conv": self.d_conv, "expand": self.expand,
                             "dt_rank": self.dt_rank, "conv_bias": self.conv_bias, "bias": self.bias},

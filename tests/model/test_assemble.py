@@ -85,3 +85,25 @@ def test_generate_command_reports_bad_arguments_as_usage_errors(args, message, c
     rc = cli(["generate", "--checkpoint", "/no/such/checkpoint", "--prompt", "hi", *args])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("vlmamba generate: error:") and message in err and "Traceback" not in err
+
+
+def test_a_tokenizer_without_an_end_token_gets_one_it_can_stop_on():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from model.checkpoint_vlm import prepare_tokenizer
+    from model.tokenizer import EOS_TOKEN
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(["hello world the cat sat on the mat"] * 10,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    assert fast.eos_token is None
+    image_id = prepare_tokenizer(fast)
+    eos = fast.eos_token_id
+    assert fast.eos_token == EOS_TOKEN and eos is not None and eos != image_id
+    assert fast(EOS_TOKEN, add_special_tokens=False)["input_ids"] == [eos]  # one id, not its bytes
+    turn = fast.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "cat"}],
+                                    tokenize=False)
+    assert eos in fast(turn, add_special_tokens=False)["input_ids"]

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import MambaConfig as HFMambaConfig
 from transformers import MambaForCausalLM
 
@@ -141,6 +142,23 @@ def test_save_and_load_round_trip(layout, tmp_path):
     if layout == "hf":  # transformers reads what we wrote
         hf = MambaForCausalLM.from_pretrained(tmp_path).eval()
         assert (hf(ids).logits - model(ids)).abs().max().item() <= 1e-4
+
+
+def test_layouts_keep_what_they_can_record(tmp_path):
+    # An untied LM head missing from the weights is named, not left on the meta device.
+    model = MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=50, tie_embeddings=False)).init_weights(0)
+    model.save_pretrained(tmp_path / "untied")
+    sd = load_file(tmp_path / "untied" / "model.safetensors")
+    del sd["lm_head.weight"]
+    save_file(sd, tmp_path / "untied" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing \['lm_head.weight'\]"):
+        MambaLM.from_pretrained(tmp_path / "untied")
+    # mamba_ssm's config has no norm_eps: another value is refused there, and kept by the hf layout.
+    model = MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=50, norm_eps=1e-6)).init_weights(0)
+    with pytest.raises(ValueError, match="norm_eps"):
+        model.save_pretrained(tmp_path / "ssm", layout="mamba_ssm")
+    model.save_pretrained(tmp_path / "hf", layout="hf")
+    assert MambaLM.from_pretrained(tmp_path / "hf").config.norm_eps == 1e-6
 
 
 def test_rejects_unsupported_configs(tmp_path):
