@@ -61,6 +61,14 @@ async def one_request(client: httpx.AsyncClient, args, messages: list, turn: int
             "session_id": session}
     t0 = time.perf_counter()
     res, last, chunks = Result(turn, 0), None, []
+    try:
+        return await _stream(client, body, res, t0, last, chunks)
+    except httpx.TransportError:  # refused, reset, cut off mid-stream: counted, and the run goes on
+        res.status, res.e2e = 0, time.perf_counter() - t0
+        return res
+
+
+async def _stream(client: httpx.AsyncClient, body: dict, res: Result, t0: float, last, chunks: list) -> Result:
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         res.status, res.headers = r.status_code, time.perf_counter() - t0
         if r.status_code != 200:
@@ -232,7 +240,8 @@ def summarize(results: list[Result], duration: float, args) -> dict:
     errors: dict[str, int] = {}
     for r in results:
         if r.status != 200:
-            errors[str(r.status)] = errors.get(str(r.status), 0) + 1
+            key = "connection" if r.status == 0 else str(r.status)
+            errors[key] = errors.get(key, 0) + 1
     per_turn = {t: [r.ttft for r in ok if r.turn == t and r.ttft is not None] for t in range(args.turns)}
     return {
         "config": {k: v for k, v in vars(args).items() if k not in ("api_key", "func")},

@@ -55,7 +55,17 @@ def test_bench_shares_the_conversations_among_client_processes(demo, tmp_path):
         assert main(["bench", "--server", srv.url, "--num-requests", "4", "--concurrency", "2", "--max-tokens", "2",
                      "--image-size", "32", "--processes", "4", "--out", str(out), "--quiet"]) == 0
         assert json.loads(out.read_text())["config"]["processes"] == 2
-    # A client process that fails reports why.
-    with pytest.raises(RuntimeError, match="a client process failed: Connect"):
-        main(["bench", "--server", "http://127.0.0.1:1", "--num-requests", "2", "--processes", "2", "--quiet",
+    # A client process that fails reports why (a port no socket takes fails before any request).
+    with pytest.raises(RuntimeError, match="a client process failed"):
+        main(["bench", "--server", "http://127.0.0.1:99999", "--num-requests", "2", "--processes", "2", "--quiet",
               "--image-size", "16", "--max-tokens", "1"])
+
+
+def test_bench_counts_connection_failures_and_finishes_the_run(tmp_path, capsys):
+    # Refused connections are errors of the run, not the end of it: every request is tried.
+    out = tmp_path / "refused.json"
+    assert main(["bench", "--server", "http://127.0.0.1:1", "--num-requests", "3", "--concurrency", "1", "--quiet",
+                 "--image-size", "16", "--max-tokens", "1", "--out", str(out)]) == 1
+    summary = json.loads(out.read_text())
+    assert summary["requests"] == 3 and summary["succeeded"] == 0 and summary["errors_by_status"] == {"connection": 3}
+    assert "errors {'connection': 3}" in capsys.readouterr().out
