@@ -163,7 +163,9 @@ def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
     def api_key(authorization: str | None = Header(default=None)) -> str | None:
         if not keys:
             return None
-        token = (authorization or "").removeprefix("Bearer ").strip().encode()
+        scheme, _, credentials = (authorization or "").strip().partition(" ")
+        # The scheme is case-insensitive (RFC 9110); a bare key without it is not a bearer credential.
+        token = credentials.strip().encode() if scheme.lower() == "bearer" else b""
         # Compare against every key in constant time; never log the key.
         if not any([hmac.compare_digest(token, k) for k in keys]):
             raise Unauthorized("missing or invalid API key (send 'Authorization: Bearer KEY')")

@@ -66,7 +66,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, None), exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, None), exc.status_code,
+                            headers=getattr(exc, "headers", None))  # e.g. the Allow of a 405
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -225,6 +225,12 @@ def test_api_keys_body_limit_queue_and_private_urls(strict, images, samples):
         "invalid_api_key"
     ok = httpx.post(url, json=body, headers={"Authorization": "Bearer k2"}, timeout=30)
     assert ok.status_code == 200
+    # The scheme is case-insensitive; a bare key is not a bearer credential.
+    assert httpx.post(url, json=body, headers={"Authorization": "bearer k2"}, timeout=30).status_code == 200
+    assert httpx.post(url, json=body, headers={"Authorization": "k2"}).status_code == 401
+    # A method the route does not take: 405 saying which it does.
+    wrong = httpx.get(url, headers={"Authorization": "Bearer k1"})
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
     assert httpx.get(strict.url + "/health").status_code == 200  # health stays open
     big = {"model": "m", "messages": [{"role": "user", "content": "x" * 300_000}]}
     r = httpx.post(url, json=big, headers={"Authorization": "Bearer k1"})
