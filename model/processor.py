@@ -11,6 +11,9 @@ import torch
 from model.config import VLMambaConfig
 from model.errors import ImageCountMismatch
 
+# Stands for the text "<image>" in a prompt (a private-use character): see escape_markers.
+LITERAL_MARKER = "\ue000"
+
 
 @dataclass
 class EncodedPrompt:
@@ -31,6 +34,11 @@ class EncodedPrompt:
 class PromptEncoder:
     """``encode`` / ``encode_messages`` over a processor's ``apply_chat_template``, ``tokenize``
     and ``preprocess_images`` (the interface the engine and the server call)."""
+
+    def escape_markers(self, messages: list[dict]) -> list[dict]:
+        """``messages`` whose text may mention the image marker as text (a user asking about the
+        HTML ``<image>`` tag) without it becoming an image placeholder; as given by default."""
+        return messages
 
     def encode(self, text: str, images: list | None = None) -> EncodedPrompt:
         images = images or []
@@ -70,6 +78,21 @@ class VLMambaProcessor(PromptEncoder):
     def eos_token_ids(self) -> list[int]:
         return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
 
+    def escape_markers(self, messages: list[dict]) -> list[dict]:
+        """Every ``<image>`` in the messages' text becomes ``LITERAL_MARKER``, which :meth:`tokenize`
+        turns into the marker's text tokens; image parts stay the only placeholders."""
+        def escape(text):
+            return text.replace(self.image_token, LITERAL_MARKER) if isinstance(text, str) else text
+
+        out = []
+        for m in messages:
+            content = m.get("content")
+            if isinstance(content, list):
+                content = [p | {"text": escape(p["text"])} if p.get("type") == "text" and "text" in p else p
+                           for p in content]
+            out.append(m | {"content": escape(content)})
+        return out
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
@@ -107,8 +130,14 @@ class VLMambaProcessor(PromptEncoder):
         return x
 
     def tokenize(self, text: str, num_images: int) -> list[int]:
-        """Token ids of ``text`` with every ``<image>`` expanded to its visual-token positions."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Token ids of ``text`` with every ``<image>`` expanded to its visual-token positions (and
+        every ``LITERAL_MARKER`` tokenized as the text ``<image>``)."""
+        ids: list[int] = []
+        for k, piece in enumerate(text.split(LITERAL_MARKER)):
+            if k:
+                ids.extend(self.tokenizer(self.image_token, add_special_tokens=False,
+                                          split_special_tokens=True)["input_ids"])
+            ids.extend(self.tokenizer(piece, add_special_tokens=False)["input_ids"])
         found = sum(1 for t in ids if t == self.image_token_id)
         if found != num_images:
             raise ImageCountMismatch(f"the prompt has {found} image placeholders but {num_images} images were given",

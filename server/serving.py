@@ -97,11 +97,8 @@ class ChatService:
 
     def _encode(self, messages: list[dict], images: list) -> tuple[list[int], list[ImageInput]]:
         """Runs in a worker thread: chat template, tokenizing, image preprocessing, digests."""
-        text = self.processor.apply_chat_template(messages)
-        if self.processor.image_token in "".join(p.get("text", "") for m in messages
-                                                 if isinstance(m["content"], list) for p in m["content"]):
-            raise InvalidRequest(f"text parts may not contain the reserved marker {self.processor.image_token}",
-                                 param="messages")
+        # Text that mentions the image marker keeps it as text: only image parts are placeholders.
+        text = self.processor.apply_chat_template(self.processor.escape_markers(messages))
         ids = self.processor.tokenize(text, len(images))
         # uint8 where the processor allows (the engine normalizes them on its device): a quarter
         # of the bytes to hash here and to send to the engine process.

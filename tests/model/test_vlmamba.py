@@ -49,6 +49,21 @@ def test_image_count_mismatch_is_a_typed_error(tiny_vlm, images):
     assert repr(enc) == f"EncodedPrompt(len={len(enc.input_ids)}, images=1)"  # no token ids in logs
 
 
+def test_text_that_mentions_the_image_marker_keeps_it_as_text(tiny_vlm, images):
+    # A user asking about the HTML <image> tag: only image parts become placeholders.
+    _, proc = tiny_vlm
+    text = [{"role": "user", "content": "What is the <image> tag in HTML?"}]
+    enc = proc.encode(proc.apply_chat_template(proc.escape_markers(text)), [])
+    assert proc.image_token_id not in enc.input_ids
+    assert "What is the <image> tag in HTML?" in proc.tokenizer.decode(enc.input_ids)
+    mixed = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there an <image> here?"}]}]
+    enc = proc.encode(proc.apply_chat_template(proc.escape_markers(mixed)), images[:1])
+    assert enc.input_ids.count(proc.image_token_id) == proc.num_image_tokens
+    assert mixed[0]["content"][1]["text"] == "Is there an <image> here?"  # the caller's messages are untouched
+    with pytest.raises(ImageCountMismatch):  # unescaped (training's conversations), the marker is a placeholder
+        proc.encode(proc.apply_chat_template(text), [])
+
+
 @pytest.mark.parametrize("kind", ["siglip", "clip"])
 @torch.no_grad()
 def test_vision_tower_takes_penultimate_patch_features(kind, tokenizer_factory, images):

@@ -160,6 +160,16 @@ def test_errors_have_openai_shape_and_leave_the_server_clean(live, images, sampl
     assert health(live)["slots_used"] == 0 and health(live)["waiting"] == 0
 
 
+def test_text_may_mention_the_image_marker(live, samples):
+    # "<image>" in text is text (it was a 400: a placeholder without an image); image parts still count.
+    r = _post(live, {"model": "m", "messages": [{"role": "user", "content": "What is the <image> tag in HTML?"}],
+                     "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    body = {"model": "m", "max_tokens": 2, "messages": ask(data_url(samples[2].image()), "Is there an <image> here?")}
+    r = _post(live, body)
+    assert r.status_code == 200, r.text
+
+
 def test_client_disconnect_mid_stream_frees_the_slot(live, samples):
     import time
 
