@@ -52,20 +52,34 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await self._reject(send)
-        seen = 0
+        seen, over, replaced, app_started = 0, False, False, False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, over
             msg = await receive()
             seen += len(msg.get("body", b""))
             if seen > self.max_bytes:
+                over = True
                 raise _TooLarge()
             return msg
 
+        async def guarded(msg):
+            # The framework may catch _TooLarge while it parses the body and answer 400 instead:
+            # once the body went over, our 413 replaces the response the app starts.
+            nonlocal replaced, app_started
+            if replaced:
+                return
+            if over and not app_started:
+                replaced = True
+                return await self._reject(send)
+            app_started = app_started or msg["type"] == "http.response.start"
+            await send(msg)
+
         try:
-            await self.app(scope, counted, send)
+            await self.app(scope, counted, guarded)
         except _TooLarge:
-            await self._reject(send)
+            if not (replaced or app_started):
+                await self._reject(send)
 
     async def _reject(self, send):
         resp = errors.error_response(BodyTooLarge(f"request body exceeds {self.max_bytes} bytes"))

@@ -1,6 +1,7 @@
 import base64
 import concurrent.futures as cf
 import io
+import json
 
 import httpx
 import openai
@@ -245,6 +246,12 @@ def test_api_keys_body_limit_queue_and_private_urls(strict, images, samples):
     big = {"model": "m", "messages": [{"role": "user", "content": "x" * 300_000}]}
     r = httpx.post(url, json=big, headers={"Authorization": "Bearer k1"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    # The same body sent in chunks, with no Content-Length: counted as it streams in, still a 413.
+    raw = json.dumps(big).encode()
+    chunks = (raw[i:i + 16384] for i in range(0, len(raw), 16384))
+    r = httpx.post(url, content=chunks, headers={"Authorization": "Bearer k1", "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert httpx.post(url, json=body, headers={"Authorization": "Bearer k1"}, timeout=30).status_code == 200
     private = {"model": "m", "messages": ask(f"{images.url}/s1.png", "Hi")}
     r = httpx.post(url, json=private, headers={"Authorization": "Bearer k1"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "image_url_refused"
