@@ -83,8 +83,14 @@ class ChatService:
                 messages.append({"role": role, "content": parts})
             else:
                 messages.append({"role": role, "content": m.content or ""})
-        images = await asyncio.gather(*(self._fetch(u) for u in urls))
-        return messages, images
+        # One failed image fails the request: the task group cancels the other fetches then
+        # (a plain gather would leave them downloading after the error has gone out).
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._fetch(u)) for u in urls]
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+        return messages, [t.result() for t in tasks]
 
     async def _fetch(self, url: str):
         try:
