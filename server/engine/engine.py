@@ -255,7 +255,7 @@ class Engine:
                 if r in self.waiting:
                     self.waiting.remove(r)
                 self.observer.on_finish(time.monotonic() - r.arrival, EngineOutput(
-                    r.request_id, finished=True, finish_reason="abort", prompt_tokens=len(r.prompt_ids)))
+                    r.request_id, finished=True, finish_reason="abort", **_spent(r)))
             self._aborts.clear()
 
     # ---- phases ----------------------------------------------------------------------------
@@ -472,8 +472,7 @@ class Engine:
             return
         if req in self.waiting:
             self.waiting.remove(req)
-        out = EngineOutput(req.request_id, finished=True, finish_reason="error", error=message,
-                           prompt_tokens=len(req.prompt_ids))
+        out = EngineOutput(req.request_id, finished=True, finish_reason="error", error=message, **_spent(req))
         self.observer.on_finish(time.monotonic() - req.arrival, out)
         req.sink(out)
 
@@ -483,3 +482,11 @@ class Engine:
         if req.slot is not None:
             self.free_slots.append(req.slot)
             req.slot = None
+
+
+def _spent(req: EngineRequest) -> dict:
+    """The tokens a request that ends early (aborted, failed) used: its prompt once admitted (the
+    prefill runs in the step that admits it), and the tokens it generated."""
+    if req.decoder is None:  # still waiting: nothing ran
+        return {"prompt_tokens": 0, "completion_tokens": 0}
+    return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.decoder.token_ids)}

@@ -175,7 +175,8 @@ def test_client_disconnect_mid_stream_frees_the_slot(live, samples):
     import time
 
     aborted = "vlmamba_requests_finished_total[('reason', 'abort')]"
-    before = metrics(live).get(aborted, 0)
+    generated = "vlmamba_generation_tokens_total[]"
+    before, tokens_before = metrics(live).get(aborted, 0), metrics(live).get(generated, 0)
     body = {"model": "m", "messages": ask(data_url(samples[3].image()), "Describe the image."), "stream": True,
             "max_tokens": 3500, "ignore_eos": True}  # would run for many seconds
     with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=30) as r:
@@ -189,6 +190,7 @@ def test_client_disconnect_mid_stream_frees_the_slot(live, samples):
         time.sleep(0.02)
     assert health(live)["slots_used"] == 0
     assert metrics(live)[aborted] == before + 1  # freed by the abort, not by finishing
+    assert metrics(live)[generated] >= tokens_before + 6  # the tokens it did generate are counted
 
 
 def test_client_disconnect_without_streaming_frees_the_slot(live, samples):
