@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server import errors
-from server.errors import BodyTooLarge, Unauthorized, Unavailable
+from server.errors import BodyTooLarge, ModelNotFound, Unauthorized, Unavailable
 from server.protocol import ChatCompletionRequest
 from server.settings import ServerSettings
 from server.threads import name_os_thread
@@ -189,7 +189,7 @@ def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
 
     @app.post("/v1/chat/completions", summary="Create a chat completion (OpenAI-compatible)")
     async def chat_completions(body: ChatCompletionRequest, request: Request, key: str | None = Depends(api_key),
-                               x_session_id: str | None = Header(default=None)):
+                               x_session_id: str | None = Header(default=None, max_length=256)):
         if getattr(app.state, "draining", False):
             raise Unavailable("the server is shutting down; retry on another replica")
         if not state["engine"].alive:
@@ -204,10 +204,19 @@ def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return JSONResponse(await chat.complete(rid, queue, request.is_disconnected))
 
+    def model_card() -> dict:
+        return {"id": state["name"], "object": "model", "created": state["started"], "owned_by": "vlmamba-serve"}
+
     @app.get("/v1/models", summary="List the served model")
     async def models(key: str | None = Depends(api_key)):
-        return {"object": "list", "data": [{"id": state["name"], "object": "model", "created": state["started"],
-                                            "owned_by": "vlmamba-serve"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", summary="The served model, by its id")
+    async def model(model_id: str, key: str | None = Depends(api_key)):
+        if model_id != state["name"]:
+            raise ModelNotFound(f"the model {model_id[:100]!r} is not served here; this server serves "
+                                f"{state['name']!r}", param="model")
+        return model_card()
 
     @app.get("/health", summary="200 once the model is loaded and the engine loop is alive")
     async def health(_: None = Depends(open_or_key)):

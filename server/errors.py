@@ -24,6 +24,10 @@ class QueueFull(VLMambaError):
     retry_after = 1
 
 
+class ModelNotFound(VLMambaError):
+    status, code = 404, "model_not_found"
+
+
 class BodyTooLarge(VLMambaError):
     status, code = 413, "request_too_large"
 

@@ -43,6 +43,8 @@ class ChatService:
             _warned_fields.update(unknown)
             log.info("ignoring unsupported request fields: %s", ", ".join(sorted(unknown)))
         s = self.settings
+        if req.stream_options is not None and not req.stream:
+            raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
         if req.n not in (None, 1):
             raise InvalidRequest("n > 1 is not supported", param="n")
         if req.logprobs:

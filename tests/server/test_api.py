@@ -124,6 +124,8 @@ def _post(live, body, **kw):
     ("bad_temperature", 400, "invalid_request"),
     ("n_two", 400, "invalid_request"),
     ("long_stop", 400, "invalid_request"),
+    ("stream_options_without_stream", 400, "invalid_request"),
+    ("long_session_header", 400, "invalid_request"),
     ("bad_image_host", 400, "invalid_image_url"),
     ("missing_messages", 400, "invalid_request"),
     ("fetch_404", 502, "image_fetch_failed"),
@@ -132,6 +134,7 @@ def _post(live, body, **kw):
 def test_errors_have_openai_shape_and_leave_the_server_clean(live, images, samples, case, status, code):
     img = data_url(samples[2].image())
     body = {"model": "m", "messages": ask(img, "How many shapes are there?")}
+    headers = {}
     if case == "bad_base64":
         body["messages"] = ask("data:image/png;base64,@@@notbase64", "Hi")
     elif case == "not_image":
@@ -144,6 +147,10 @@ def test_errors_have_openai_shape_and_leave_the_server_clean(live, images, sampl
         body["temperature"] = 7
     elif case == "n_two":
         body["n"] = 2
+    elif case == "stream_options_without_stream":  # as OpenAI answers it
+        body["stream_options"] = {"include_usage": True}
+    elif case == "long_session_header":  # capped like the body's session_id
+        headers = {"X-Session-Id": "s" * 257}
     elif case == "long_stop":  # matched on every token in the engine's loop: bounded in length
         body["stop"] = ["z" * 257]
     elif case == "bad_image_host":  # an empty label, which the resolver cannot encode
@@ -154,7 +161,7 @@ def test_errors_have_openai_shape_and_leave_the_server_clean(live, images, sampl
         body["messages"] = ask(f"{images.url}/missing.png", "Hi")
     elif case == "fetch_timeout":
         body["messages"] = ask(f"{images.url}/stall/3", "Hi")
-    r = _post(live, body)
+    r = _post(live, body, headers=headers)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["code"] == code and err["message"] and "type" in err and "param" in err
@@ -208,6 +215,10 @@ def test_client_disconnect_without_streaming_frees_the_slot(live, samples):
 
 def test_models_metrics_and_docs(live, client):
     assert [m.id for m in client.models.list().data] == ["shapes-demo"]
+    assert client.models.retrieve("shapes-demo").id == "shapes-demo"  # the SDK's models.retrieve
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4o")
+    assert missing.value.body["code"] == "model_not_found"
     m = metrics(live)
     for name in ("vlmamba_time_to_first_token_seconds_count[]", "vlmamba_prompt_tokens_total[]",
                  "vlmamba_generation_tokens_total[]", "vlmamba_state_slots_total[]", "vlmamba_state_cache_bytes[]",
