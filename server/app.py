@@ -202,7 +202,10 @@ def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(chat.stream(rid, queue, include), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return JSONResponse(await chat.complete(rid, queue, request.is_disconnected))
+        answer = await chat.complete(rid, queue, request.is_disconnected)
+        if answer is None:  # the client hung up and its request was aborted: nobody to answer
+            return Response(status_code=499)
+        return JSONResponse(answer)
 
     def model_card() -> dict:
         return {"id": state["name"], "object": "model", "created": state["started"], "owned_by": "vlmamba-serve"}

@@ -155,9 +155,9 @@ class ChatService:
         return rid, queue
 
     # ---- responses ------------------------------------------------------------------------------
-    async def complete(self, rid: str, queue: asyncio.Queue, disconnected=None) -> dict:
+    async def complete(self, rid: str, queue: asyncio.Queue, disconnected=None) -> dict | None:
         """Collect the whole answer; ``disconnected`` (async, -> bool) is polled so a client that
-        hangs up frees its slot even though nothing is being streamed to it."""
+        hangs up frees its slot even though nothing is being streamed to it (then: None)."""
         text, checked = [], time.monotonic()
         try:
             while True:
@@ -167,8 +167,9 @@ class ChatService:
                     out = None
                 if disconnected is not None and time.monotonic() - checked > 0.5:
                     checked = time.monotonic()
-                    if await disconnected():
-                        raise asyncio.CancelledError
+                    if await disconnected():  # not an error of the server's: nothing to raise or log
+                        self.engine.abort(rid)
+                        return None
                 if out is None:
                     continue
                 text.append(out.text)
