@@ -51,9 +51,20 @@ def error_response(exc: VLMambaError) -> JSONResponse:
     return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status, headers=headers)
 
 
+def _union_member(p) -> bool:
+    return isinstance(p, str) and (p in ("str", "int", "float", "bool") or "[" in p or p[:1].isupper())
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    errors = exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":  # its loc is a character offset, not a field
+        where = errors[0].get("loc", ("body", None))[-1]
+        return f"the request body is not valid JSON (at character {where}): {errors[0].get('msg', '')}", None
+    # The deepest error: for a field that is one type or another (string content or a list of
+    # parts), the member the request was written as, not the one it was not.
+    first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {}
+    # Union members appear in the location as their type ("str", "list[...]", "TextPart"): not fields.
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_member(p)]
     param = ".".join(loc) or None
     return f"{param or 'request'}: {first.get('msg', 'invalid request')}", param
 

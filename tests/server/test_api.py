@@ -168,6 +168,18 @@ def test_errors_have_openai_shape_and_leave_the_server_clean(live, images, sampl
     assert health(live)["slots_used"] == 0 and health(live)["waiting"] == 0
 
 
+def test_validation_errors_name_the_field_the_request_wrote(live):
+    url = live.url + "/v1/chat/completions"
+    bad_json = httpx.post(url, content=b'{"model": "m", "messages": [}', headers={"content-type": "application/json"})
+    err = bad_json.json()["error"]
+    assert bad_json.status_code == 400 and err["param"] is None and "not valid JSON (at character" in err["message"]
+    # A part of list content: its path, not the string member of the union it was not written as.
+    part = {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
+    assert _post(live, part).json()["error"]["param"] == "messages.0.content.0.image_url.url"
+    text = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text"}]}]}
+    assert _post(live, text).json()["error"]["param"] == "messages.0.content.0.text"
+
+
 def test_text_may_mention_the_image_marker(live, samples):
     # "<image>" in text is text (it was a 400: a placeholder without an image); image parts still count.
     r = _post(live, {"model": "m", "messages": [{"role": "user", "content": "What is the <image> tag in HTML?"}],
