@@ -103,10 +103,15 @@ class VLMambaProcessor(PromptEncoder):
         and send. (A processor whose resized pixels are not whole numbers gives float32 anyway.)"""
         if not images:
             return None
-        rgb = [im.convert("RGB") for im in images]
+        # One image at a time: the image processor's copies of a full-size image (numpy arrays of
+        # 40 megapixels, say) are then alive for one image, not for all of a request's at once.
+        def each(**kw):
+            return torch.cat([self.image_processor([im if im.mode == "RGB" else im.convert("RGB")], return_tensors="pt",
+                                                   **kw)["pixel_values"] for im in images])
+
         if normalize:
-            return self.image_processor(rgb, return_tensors="pt")["pixel_values"].float()
-        px = self.image_processor(rgb, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
+            return each().float()
+        px = each(do_rescale=False, do_normalize=False)
         if px.dtype == torch.uint8:
             return px
         if px.is_floating_point() and bool(((px >= 0) & (px <= 255) & (px == px.round())).all()):

@@ -48,3 +48,30 @@ def test_a_processor_without_whole_pixels_gives_normalized_floats():
     proc.image_processor.__class__ = type("Fractional", (proc.image_processor.__class__,), {"__call__": fractional})
     px = proc.preprocess_images(_images()[:1], normalize=False)
     assert px.dtype == torch.float32 and px.min() < 0  # normalized: SigLIP's pixels lie in [-1, 1]
+
+
+PEAK_PROBE = """
+import resource, sys
+from PIL import Image
+from model.demo import DEMO_CHECKPOINT
+from model.checkpoint_vlm import load_vlmamba
+_, proc = load_vlmamba(DEMO_CHECKPOINT)
+images = [Image.new("RGB", (6000, 6000), (10 * i, 200, 30)) for i in range(4)]  # 108 MB each
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+proc.preprocess_images(images, normalize=False)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_a_requests_large_images_are_preprocessed_one_at_a_time():
+    # The image processor's copies of a full-size image (numpy arrays, converted copies) live for
+    # one image at a time: four 36-megapixel images at once grew the peak by ~1.1 GB, one at a
+    # time by ~0.35 GB (the images themselves are already held before).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", PEAK_PROBE], cwd=Path(__file__).parents[2], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) < 600  # MB of peak growth
