@@ -94,8 +94,6 @@ class VLMambaProcessor(PromptEncoder):
         return out
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        # OpenAI allows null content (an assistant turn that only called tools); templates want text.
-        messages = [m | {"content": ""} if m.get("content") is None else m for m in messages]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def preprocess_images(self, images: list, normalize: bool = True) -> torch.Tensor | None:

@@ -64,13 +64,6 @@ def test_text_that_mentions_the_image_marker_keeps_it_as_text(tiny_vlm, images):
         proc.encode(proc.apply_chat_template(text), [])
 
 
-def test_null_content_renders_as_empty_text(tiny_vlm):
-    _, proc = tiny_vlm
-    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "?"}]
-    empty = [turns[0], {"role": "assistant", "content": ""}, turns[2]]
-    assert proc.apply_chat_template(turns) == proc.apply_chat_template(empty)
-
-
 @pytest.mark.parametrize("kind", ["siglip", "clip"])
 @torch.no_grad()
 def test_vision_tower_takes_penultimate_patch_features(kind, tokenizer_factory, images):
