@@ -52,14 +52,13 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await self._reject(send)
-        seen, over, replaced, app_started = 0, False, False, False
+        seen, replaced, app_started = 0, False, False
 
         async def counted():
-            nonlocal seen, over
+            nonlocal seen
             msg = await receive()
             seen += len(msg.get("body", b""))
             if seen > self.max_bytes:
-                over = True
                 raise _TooLarge()
             return msg
 
@@ -69,7 +68,7 @@ class BodyLimit:
             nonlocal replaced, app_started
             if replaced:
                 return
-            if over and not app_started:
+            if seen > self.max_bytes and not app_started:
                 replaced = True
                 return await self._reject(send)
             app_started = app_started or msg["type"] == "http.response.start"

@@ -60,15 +60,16 @@ async def one_request(client: httpx.AsyncClient, args, messages: list, turn: int
             "temperature": 0, "ignore_eos": args.ignore_eos, "stream_options": {"include_usage": True},
             "session_id": session}
     t0 = time.perf_counter()
-    res, last, chunks = Result(turn, 0), None, []
+    res = Result(turn, 0)
     try:
-        return await _stream(client, body, res, t0, last, chunks)
+        return await _stream(client, body, res, t0)
     except httpx.TransportError:  # refused, reset, cut off mid-stream: counted, and the run goes on
         res.status, res.e2e = 0, time.perf_counter() - t0
         return res
 
 
-async def _stream(client: httpx.AsyncClient, body: dict, res: Result, t0: float, last, chunks: list) -> Result:
+async def _stream(client: httpx.AsyncClient, body: dict, res: Result, t0: float) -> Result:
+    last, chunks = None, []
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         res.status, res.headers = r.status_code, time.perf_counter() - t0
         if r.status_code != 200:

@@ -219,7 +219,7 @@ def mixer_out_triton(state, x, z, x_proj_out, A_log, D, dt_bias, dt_proj_weight,
     assert x.stride(1) == 1 and z.stride(1) == 1 and A_log.stride(1) == 1
     block_c, block_o, stages, warps = config or _mixer_out_config(b, out_weight.element_size(), x.device)
     block_c = min(block_c, triton.next_power_of_2(d))
-    ys = torch.empty(b, d, device=x.device, dtype=x.dtype)  # y, rounded, as the dot's operand (b > 1)
+    ys = torch.empty(b, d, device=x.device, dtype=x.dtype) if b > 1 else x  # y as the dot's operand (b > 1)
     grid = (triton.cdiv(d, block_c),)
     nxt, nxt_bytes, next_bytes = next_args(x.device, prefetch, grid[0], warps, x)
     pdl = pdl_args(x.device)
