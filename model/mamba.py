@@ -200,6 +200,11 @@ class MambaLM(nn.Module):
         for layer in self.backbone.layers:
             layer.mixer.backend = backend
 
+    @property
+    def backend(self) -> str:
+        """The kernel backend the layers were asked for (``auto`` without layers)."""
+        return self.backbone.layers[0].mixer.backend if len(self.backbone.layers) else "auto"
+
     def allocate_state(self, num_slots: int, dtype: torch.dtype | None = None, device=None,
                        ssm_dtype: torch.dtype = torch.float32) -> InferenceState:
         """A zeroed pool of ``num_slots`` recurrent-state slots for every layer (SSM states in ``ssm_dtype``)."""

@@ -60,6 +60,11 @@ class SplicedVLM(nn.Module):
         """One decode step: input_ids (b,), slots (b,) -> logits (b, V)."""
         return self.llm.step(input_ids, state=state, slots=slots)
 
+    @property
+    def backend(self) -> str:
+        """The LM's kernel backend; the engine's decode graphs take their argmax with it."""
+        return self.llm.backend
+
 
 class VLMamba(SplicedVLM):
     def __init__(self, config: VLMambaConfig, backend: str = "auto", device=None, dtype=None):

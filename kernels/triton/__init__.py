@@ -4,6 +4,7 @@
 ``backend="triton"``. On a CPU they run under ``TRITON_INTERPRET=1`` (tests do that).
 """
 
+from kernels.triton.argmax import masked_argmax_triton
 from kernels.triton.causal_conv1d import causal_conv1d_triton, causal_conv1d_update_triton
 from kernels.triton.decode import mixer_in_triton, mixer_out_triton
 from kernels.triton.linear import linear_accumulate_triton, small_linear_triton
@@ -12,8 +13,8 @@ from kernels.triton.selective_scan import selective_scan_triton
 from kernels.triton.selective_state_update import selective_state_update_triton
 
 OPS = frozenset({"add_rms_norm", "selective_scan", "selective_state_update", "causal_conv1d", "causal_conv1d_update",
-                 "small_linear", "linear_accumulate", "mixer_in", "mixer_out"})
+                 "small_linear", "linear_accumulate", "mixer_in", "mixer_out", "masked_argmax"})
 
 __all__ = ["OPS", "add_rms_norm_triton", "causal_conv1d_triton", "causal_conv1d_update_triton",
-           "linear_accumulate_triton", "mixer_in_triton", "mixer_out_triton", "selective_scan_triton",
+           "linear_accumulate_triton", "masked_argmax_triton", "mixer_in_triton", "mixer_out_triton", "selective_scan_triton",
            "selective_state_update_triton", "small_linear_triton"]

@@ -346,7 +346,7 @@ class Engine:
             self._slots = (key, to_device(key, self.device, torch.long))
         slots = self._slots[1]
         if self.graphs is not None:  # the graph masks the logits and takes their argmax itself
-            logits = self.graphs.step(tokens, slots)
+            logits = self.graphs.step(tokens, slots, slots_key=key)
             mask, argmax = None, self.graphs.argmax
         else:
             logits = self.model.step(tokens, state=self.state, slots=slots)
@@ -390,9 +390,12 @@ class Engine:
             return _Inflight(reqs, tokens, tokens, None)
         buf = self._pinned[self._flip][: tokens.shape[0]]
         self._flip ^= 1  # double buffer: the other one still belongs to the previous step
-        buf.copy_(tokens, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
+        if self.graphs is not None and tokens is self.graphs.argmax:
+            done = self.graphs.copy_out(buf)  # on a side stream: the next step does not wait for it
+        else:
+            buf.copy_(tokens, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
         return _Inflight(reqs, tokens, buf, done)
 
     def _consume(self, inf: _Inflight) -> None:

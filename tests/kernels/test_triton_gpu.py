@@ -326,3 +326,21 @@ def test_decode_graph_with_programmatic_dependent_launch_equals_plain_launches(m
               f"state {s_err:.2e}")
         assert err < 1e-2 and s_err < 1e-2
         assert torch.equal(pdl_on.argmax(-1), plain.argmax(-1))
+
+
+@pytest.mark.parametrize("b", [1, 3, 256])
+def test_masked_argmax_at_the_vocabulary_size(b):
+    """The masked argmax over bf16 logits of the 2.8B vocabulary (50 280 ids) picks torch's
+    index and leaves the same masked logits, with ties planted at the row's end and start."""
+    from kernels import masked_argmax, masked_argmax_ref
+
+    g = torch.Generator(device="cuda").manual_seed(b)
+    x = (torch.randn(b, 50280, device="cuda", generator=g) * 3).bfloat16()
+    x[:, -1] = x[:, 0] = 20.0  # ties: the first index wins
+    mask = torch.zeros(50280, dtype=torch.bool, device="cuda")
+    mask[50277:] = True
+    mask[0] = b == 3  # with three rows the first of the tie is masked
+    a, c = x.clone(), x.clone()
+    want = masked_argmax_ref(a, mask)
+    got = masked_argmax(c, mask, backend="triton")
+    assert torch.equal(got, want) and torch.equal(a, c)

@@ -307,12 +307,37 @@ def unfused_step_cases():
            y_scale=full.abs().max().item(), same_dtype=True)
 
 
+def argmax_cases():
+    """The masked argmax: the same index as torch's (first maximum, NaN above every number), and
+    the masked ids at -inf in place; a row longer than one block, ties, NaN, an all -inf row, and
+    ``out`` a slice of a larger buffer (its other entries untouched)."""
+    for case, (b, V, dtype, masked) in enumerate([(3, 9000, torch.float32, True), (2, 5000, torch.bfloat16, False),
+                                                  (4, 4200, torch.float16, True)]):
+        x = rng(case + 7)(b, V).to(dtype)
+        x[0, 4500 % V] = x[0, 17] = x[0].max() + 1  # a tie: the first index wins
+        if case == 2:
+            x[1, 4100] = x[1, 4150] = float("nan")
+            x[2] = float("-inf")
+        mask = (torch.arange(V) % 3 == 1) if masked else None
+        if masked:
+            mask[17] = False
+        a, c = x.clone(), x.clone()
+        want = K.masked_argmax_ref(a, mask)
+        out = torch.full((b + 2,), -5, dtype=torch.long)
+        got = K.masked_argmax(c, mask, out=out[1:b + 1], backend="triton")
+        wrong = int((got != want).sum()) + int((out[0] != -5) + (out[-1] != -5)) + int(not torch.equal(out[1:b + 1], want))
+        record("masked_argmax", [b, V, masked], dtype, y_err=float(wrong), y_scale=0.0,
+               state_err=0.0 if torch.equal(a, c) or (a.isnan() == c.isnan()).all() and torch.equal(a.nan_to_num(0), c.nan_to_num(0)) else 1.0,
+               same_dtype=got.dtype == want.dtype == torch.long)
+
+
 state_update_cases()
 linear_cases()
 mixer_in_cases()
 mixer_out_cases()
 fused_step_cases()
 unfused_step_cases()
+argmax_cases()
 fused_cases()
 scan_cases()
 scan_variant_cases()

@@ -116,3 +116,45 @@ def test_decode_graphs_mask_the_logits_and_take_their_argmax():
             assert (got[:, ~mask] - want[:, ~mask]).abs().max().item() <= 2e-2 * want.abs().max().item()
             assert torch.equal(graphs.argmax, got.argmax(-1)) and not mask[graphs.argmax].any()
     assert graphs.bucket(5) is None and graphs.bucket(3) == 4
+
+
+@needs_cuda
+def test_decode_graphs_feed_their_argmax_back_and_copy_only_changed_inputs():
+    """The graphs write their argmax into the other of two id buffers, so feeding ``argmax``
+    back skips the copy, and slots fed again under the same host key skip theirs. Every step
+    still equals the eager step on the inputs really given: the argmax fed back, slots under a
+    new key, slots changed in place without a key, ids that are another view of the graphs'
+    buffers. ``copy_out`` of each step, read a step later, holds that step's argmax."""
+    from model.graphs import GraphDecoder
+
+    lm = _lm("cuda", torch.float32)
+    state, ref_state = lm.allocate_state(7), lm.allocate_state(7)
+    graphs = GraphDecoder(lm, state, scratch_slot=6, max_batch=4).capture()
+    key = (4, 1)
+    slots = torch.tensor(key, device="cuda")
+    tok = torch.tensor([5, 9], device="cuda")
+    pinned = [torch.empty(2, dtype=torch.long, pin_memory=True) for _ in range(2)]
+    pending = None
+    with torch.inference_mode():
+        for t in range(9):
+            if t == 3:
+                key = (2, 5)
+                slots = torch.tensor(key, device="cuda")
+            if t == 5:
+                key = None
+                slots.copy_(torch.tensor([0, 3]))  # in place, no key: copied again
+            if t == 7:
+                tok = graphs.ids.view(-1)[1:3]  # shares the id buffers, one row off
+            fed = tok.clone()
+            got = graphs.step(tok, slots, slots_key=key).float().clone()
+            want = lm.step(fed, state=ref_state, slots=slots).float()
+            assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item(), t
+            assert torch.equal(graphs.argmax, got.argmax(-1)), t
+            done = graphs.copy_out(pinned[t % 2])
+            if pending is not None:  # the previous step's copy, read while this step may still run
+                pending[0].synchronize()
+                assert torch.equal(pending[1], pending[2]), t
+            pending = (done, pinned[t % 2], graphs.argmax.cpu())
+            tok = graphs.argmax
+        # The live slots (not the scratch row, 6) hold the states of the steps as given.
+        assert (state.ssm[:, :6] - ref_state.ssm[:, :6]).abs().max().item() <= 1e-4
