@@ -139,9 +139,10 @@ def graph_loop(engine, model, ids, new):
     slots = torch.arange(b, device=ids.device)
     engine.state.reset(slots)
     tok = engine.prefill_logits(ids, None, slots, None).argmax(-1)
+    key = tuple(range(b))
     for _ in range(new - 1):
         if engine.graphs is not None:
-            engine.graphs.step(tok, slots)
+            engine.graphs.step(tok, slots, slots_key=key)  # the engine's form: slots copied once
             tok = engine.graphs.argmax  # taken inside the graph, as the engine's greedy rows do
         else:
             tok = model.step(tok, state=engine.state, slots=slots).argmax(-1)

@@ -16,7 +16,7 @@ Each op has a PyTorch reference (``*_ref``) and one public dispatcher that takes
 from kernels._backend import BACKENDS, BackendUnavailable, resolve_backend
 from kernels.argmax import masked_argmax, masked_argmax_ref
 from kernels.linear import linear_accumulate, linear_accumulate_ref, small_linear, small_linear_ref
-from kernels.norm import add_rms_norm, add_rms_norm_ref
+from kernels.norm import add_rms_norm, add_rms_norm_ref, embed_rms_norm, embed_rms_norm_ref
 from kernels.causal_conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update, causal_conv1d_update_ref
 from kernels.decode import mixer_in, mixer_in_fusable, mixer_in_ref, mixer_out, mixer_out_ref
 from kernels.selective_scan import (
@@ -36,6 +36,8 @@ __all__ = [
     "causal_conv1d_ref",
     "causal_conv1d_update",
     "causal_conv1d_update_ref",
+    "embed_rms_norm",
+    "embed_rms_norm_ref",
     "linear_accumulate",
     "linear_accumulate_ref",
     "masked_argmax",

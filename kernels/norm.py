@@ -37,3 +37,27 @@ def add_rms_norm(x, residual, weight, eps: float = 1e-5, residual_fp32: bool = T
 
         return add_rms_norm_triton(x, residual, weight, eps, residual_fp32)
     return add_rms_norm_ref(x, residual, weight, eps, residual_fp32)
+
+
+def embed_rms_norm_ref(ids, table, weight, eps: float = 1e-5, residual_fp32: bool = True, zero=None):
+    """The first block's pre-norm straight from token ids: ``add_rms_norm_ref(table[ids], None,
+    weight, eps, residual_fp32)``. ids (b,) long, valid rows of table (V, D). ``zero``: a float32
+    buffer set to zero on the way (the decode step's sums), or None."""
+    if zero is not None:
+        zero.zero_()
+    return add_rms_norm_ref(table[ids], None, weight, eps, residual_fp32)
+
+
+def embed_rms_norm(ids, table, weight, eps: float = 1e-5, residual_fp32: bool = True, zero=None,
+                   backend: str = "auto"):
+    """Same contract as :func:`embed_rms_norm_ref`: the decode step's first kernel at a few rows
+    (the gather, the memset and the norm were three, each a few microseconds at one row);
+    ``cuda`` runs the reference."""
+    if backend == "cuda":
+        return embed_rms_norm_ref(ids, table, weight, eps, residual_fp32, zero)
+    chosen = resolve_backend(backend, "embed_rms_norm", table.device, None, _triton_ops(), needs_grad(table, weight))
+    if chosen == "triton":
+        from kernels.triton import embed_rms_norm_triton
+
+        return embed_rms_norm_triton(ids, table, weight, eps, residual_fp32, zero)
+    return embed_rms_norm_ref(ids, table, weight, eps, residual_fp32, zero)

@@ -17,6 +17,7 @@ from kernels import (
     add_rms_norm,
     causal_conv1d,
     causal_conv1d_update,
+    embed_rms_norm,
     linear_accumulate,
     mixer_in,
     mixer_in_fusable,
@@ -242,26 +243,39 @@ class MambaLM(nn.Module):
     def step(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None, *,
              state: InferenceState, slots: torch.Tensor) -> torch.Tensor:
         """One decode step. input_ids: (b,) or inputs_embeds: (b, D); slots: (b,). Returns logits (b, V)."""
-        hidden = self._embed(input_ids, inputs_embeds)
-        residual = None
-        layers, fused = self.backbone.layers, self._fuses_step(hidden)
+        layers = self.backbone.layers
+        embedding = self.backbone.embedding.weight
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        rows = (inputs_embeds if inputs_embeds is not None else input_ids).shape[0]
+        fused = self._fuses_step(rows, embedding.device)
         r = layers[0].mixer.x_proj.out_features if len(layers) else 0  # dt_rank + 2 d_state
-        # One memset zeroes every layer's float32 sums: x_proj's, and with the fused step out_proj's.
+        # Every layer's float32 sums are zeroed at once: x_proj's, and with the fused step out_proj's.
         d = self.config.d_model if fused else 0
-        scratch = hidden.new_zeros(len(layers), hidden.shape[0], d + r, dtype=torch.float32)
         if fused:
             reads = [layer.mixer.in_proj.weight for layer in layers[1:]] + [self.lm_head.weight]
             ahead = [_head(w, layers[0].mixer.in_proj.weight) for w in reads]  # same bytes from each
+            first = layers[0]
+            if input_ids is not None:  # the gather, the memset and the first norm in one kernel
+                scratch = embedding.new_empty(len(layers), input_ids.shape[0], d + r, dtype=torch.float32)
+                normed, residual = embed_rms_norm(input_ids, embedding, first.norm.weight, first.norm.eps,
+                                                  first.residual_in_fp32, zero=scratch, backend=first.mixer.backend)
+            else:
+                scratch = inputs_embeds.new_zeros(len(layers), inputs_embeds.shape[0], d + r, dtype=torch.float32)
+                normed, residual = first._pre(inputs_embeds, None)
             for i, layer in enumerate(layers):
-                normed, residual = layer._pre(hidden, residual)
                 hidden = layer.mixer.step_fused(normed, state, slots, scratch[i, :, :d], scratch[i, :, d:], ahead[i])
+                if i + 1 < len(layers):
+                    normed, residual = layers[i + 1]._pre(hidden, residual)
         else:
+            hidden, residual = self._embed(input_ids, inputs_embeds), None
+            scratch = hidden.new_zeros(len(layers), hidden.shape[0], r, dtype=torch.float32)
             for i, layer in enumerate(layers):
                 hidden, residual = layer.step(hidden, residual, state, slots, scratch[i])
         backend = layers[0].mixer.backend if len(layers) else "ref"
         return small_linear(self.backbone._final(hidden, residual), self.lm_head.weight, None, backend)
 
-    def _fuses_step(self, hidden: torch.Tensor) -> bool:
+    def _fuses_step(self, rows: int, device) -> bool:
         """The fused decode step (:meth:`MambaMixer.step_fused`) runs where its Triton kernels
         do: few rows, no projection biases, and a backend that resolves to Triton."""
         if not len(self.backbone.layers):
@@ -270,7 +284,7 @@ class MambaLM(nn.Module):
         if mixer.in_proj.bias is not None or mixer.out_proj.bias is not None:
             return False
         grad = torch.is_grad_enabled() and mixer.in_proj.weight.requires_grad
-        return mixer_in_fusable(hidden.shape[0], self.config.d_inner, hidden.device, mixer.backend, grad)
+        return mixer_in_fusable(rows, self.config.d_inner, device, mixer.backend, grad)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> "MambaLM":

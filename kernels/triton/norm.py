@@ -47,3 +47,43 @@ def add_rms_norm_triton(x, residual, weight, eps: float = 1e-5, residual_fp32: b
                                          BLOCK=triton.next_power_of_2(D), num_warps=8 if D >= 2048 else 4,
                                          **pdl_args(x.device))
     return out.view(shape), res_out.view(shape)
+
+
+ZERO_BLOCK = 4096  # float32 elements of ``zero`` per program of the embedding kernel
+
+
+@triton.jit
+def _embed_rms_norm_kernel(ids, table, w, out, res_out, zero, n_zero, b, D, eps, s_id, s_t, s_o, s_ro,
+                           BLOCK: tl.constexpr, ZB: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+    pid = tl.program_id(0)
+    enter(PDL)
+    if pid < b:  # a row: gather, keep the stream, normalise
+        cols = tl.arange(0, BLOCK)
+        m = cols < D
+        tok = tl.load(ids + pid * s_id).to(tl.int64)
+        v = tl.load(table + tok * s_t + cols, mask=m, other=0.0).to(tl.float32)
+        row = pid.to(tl.int64)
+        tl.store(res_out + row * s_ro + cols, v, mask=m)
+        h = v.to(w.dtype.element_ty).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
+        wv = tl.load(w + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(out + row * s_o + cols, h * rstd * wv, mask=m)
+    else:  # a block of the buffer to zero
+        z = (pid - b).to(tl.int64) * ZB + tl.arange(0, ZB)
+        tl.store(zero + z, tl.zeros((ZB,), tl.float32), mask=z < n_zero)
+
+
+def embed_rms_norm_triton(ids, table, weight, eps: float = 1e-5, residual_fp32: bool = True, zero=None):
+    """ids (b,); table (V, D) with a contiguous last axis; zero: a contiguous float32 buffer or None."""
+    b, D = ids.shape[0], table.shape[1]
+    assert table.stride(1) == 1 and ids.dim() == 1
+    assert zero is None or (zero.dtype == torch.float32 and zero.is_contiguous())
+    out = torch.empty(b, D, device=table.device, dtype=weight.dtype)
+    res_out = torch.empty(b, D, device=table.device, dtype=torch.float32 if residual_fp32 else table.dtype)
+    n_zero = zero.numel() if zero is not None else 0
+    grid = (b + triton.cdiv(n_zero, ZERO_BLOCK),)
+    _embed_rms_norm_kernel[grid](ids, table, weight, out, res_out, zero if zero is not None else res_out, n_zero, b, D,
+                                 eps, ids.stride(0), table.stride(0), out.stride(0), res_out.stride(0),
+                                 BLOCK=triton.next_power_of_2(D), ZB=ZERO_BLOCK, num_warps=8 if D >= 2048 else 4,
+                                 **pdl_args(table.device))
+    return out, res_out

@@ -276,7 +276,7 @@ def test_fused_decode_step_equals_unfused(b):
         for fused in (True, False):
             state = lm.allocate_state(3)
             lm(ids[:, :8], state=state, slots=slots)
-            lm._fuses_step = (lambda h: True) if fused else (lambda h: False)
+            lm._fuses_step = (lambda rows, device: True) if fused else (lambda rows, device: False)
             logits.append(torch.stack([lm.step(ids[:, t], state=state, slots=slots) for t in range(8, 12)]))
             states.append(state.ssm)
             del lm._fuses_step

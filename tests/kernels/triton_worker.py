@@ -279,7 +279,7 @@ def fused_step_cases():
                 state, slots = lm.allocate_state(4), torch.tensor([2, 0, 3][:b])
                 lm(ids[:, :3], state=state, slots=slots)
                 lm.set_backend("triton")
-                assert lm._fuses_step(ids[:, 0].float()), "the fused step should run here"
+                assert lm._fuses_step(ids.shape[0], ids.device), "the fused step should run here"
                 steps = [lm.step(ids[:, t], state=state, slots=slots).float() for t in range(3, 6)]
             y_err = max(err(s, full[:, t]) for s, t in zip(steps, range(3, 6)))
             record("fused_decode_step", [b, 32, 3], dtype, y_err=y_err, state_err=0.0,
@@ -300,11 +300,26 @@ def unfused_step_cases():
         state, slots = lm.allocate_state(20), torch.randperm(20)[:18]
         lm(ids[:, :2], state=state, slots=slots)
         lm.set_backend("triton")
-        assert not lm._fuses_step(ids[:, 0].float()), "18 rows take the unfused step"
+        assert not lm._fuses_step(ids.shape[0], ids.device), "18 rows take the unfused step"
         steps = [lm.step(ids[:, t], state=state, slots=slots) for t in range(2, 4)]
     y_err = max(err(s, full[:, t]) for s, t in zip(steps, range(2, 4)))
     record("unfused_decode_step", [18, 16, 2], torch.float32, y_err=y_err, state_err=0.0,
            y_scale=full.abs().max().item(), same_dtype=True)
+
+
+def embed_norm_cases():
+    """The decode step's first kernel: the rows gathered from the table by id (one twice, the ids
+    a strided view), the stream kept in fp32 or the table's dtype, and the step's sums zeroed on
+    the way."""
+    for case, (dtype, fp32) in enumerate([(torch.float32, True), (torch.bfloat16, True), (torch.float16, False)]):
+        r = rng(case + 40)
+        table, w, ids = r(50, 40).to(dtype), r(40).to(dtype), torch.tensor([[3, 1], [49, 1], [3, 1], [0, 1]])[:, 0]
+        z_ref, z_tri = r(3, 5000), r(3, 5000)
+        n_ref, s_ref = K.embed_rms_norm_ref(ids, table, w, 1e-5, fp32, zero=z_ref)
+        n_tri, s_tri = K.embed_rms_norm(ids, table, w, 1e-5, fp32, zero=z_tri, backend="triton")
+        record("embed_rms_norm", [4, 40, fp32], dtype, y_err=err(n_tri, n_ref), y_scale=n_ref.float().abs().max().item(),
+               state_err=max(err(s_tri, s_ref), err(z_tri, z_ref)),
+               same_dtype=n_tri.dtype == n_ref.dtype and s_tri.dtype == s_ref.dtype)
 
 
 def argmax_cases():
@@ -338,6 +353,7 @@ mixer_out_cases()
 fused_step_cases()
 unfused_step_cases()
 argmax_cases()
+embed_norm_cases()
 fused_cases()
 scan_cases()
 scan_variant_cases()
