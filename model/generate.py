@@ -81,6 +81,15 @@ def to_device(data, device, dtype: torch.dtype | None = None) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def to_host(src: torch.Tensor, dest: torch.Tensor) -> torch.cuda.Event:
+    """Copy ``src`` (on a GPU) into ``dest`` (pinned host memory) in stream order, without the
+    host waiting; returns the event that marks the copy done."""
+    dest.copy_(src, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return done
+
+
 def pick_tokens(logits: torch.Tensor, decoders: list[SequenceDecoder], mask: torch.Tensor | None = None,
                 argmax: torch.Tensor | None = None) -> torch.Tensor:
     """Sample one token per row of logits (b, V) with each row's own parameters. ``argmax``: the

@@ -23,6 +23,7 @@ import logging
 import torch
 
 from kernels import masked_argmax
+from model.generate import to_host
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +126,9 @@ class GraphDecoder:
         if size is None:
             logits, self.argmax = self._run(input_ids, slots)
             return logits
-        side = next((s for s in (0, 1) if input_ids.data_ptr() == self.ids[s].data_ptr()
-                     and input_ids.stride(0) == 1), None)
+        side = self._side_of(input_ids)
         if side is None:  # ids from elsewhere: into the buffer the last step did not write
-            side = 0 if self.argmax is None or self.argmax.data_ptr() != self.ids[0].data_ptr() else 1
+            side = 1 if self._side_of(self.argmax) == 0 else 0
             shared = input_ids.untyped_storage().data_ptr() == self.ids.untyped_storage().data_ptr()
             self._before_write(side)
             self.ids[side, :b].copy_(input_ids.clone() if shared else input_ids)
@@ -142,6 +142,12 @@ class GraphDecoder:
         self.argmax = self.ids[1 - side, :b]
         return logits[:b]
 
+    def _side_of(self, ids: torch.Tensor | None) -> int | None:
+        """Which id buffer ``ids`` is the start of (a (b,) view of it), or None."""
+        if ids is None or ids.stride(0) != 1:
+            return None
+        return next((s for s in (0, 1) if ids.data_ptr() == self.ids[s].data_ptr()), None)
+
     def _before_write(self, side: int) -> None:
         """Order the copy out of id buffer ``side`` before the stream writes it again."""
         done = self._copies[side]
@@ -153,14 +159,11 @@ class GraphDecoder:
     def copy_out(self, dest: torch.Tensor) -> torch.cuda.Event:
         """Copy :attr:`argmax` of the last step into ``dest`` (pinned host memory, (b,) long)
         without holding up the next step; returns the event that marks the copy done."""
-        done = torch.cuda.Event()
-        side = next((s for s in (0, 1) if self.argmax.data_ptr() == self.ids[s].data_ptr()), None)
+        side = self._side_of(self.argmax)
         if side is None:  # an eager step's tokens: copied in stream order
-            dest.copy_(self.argmax, non_blocking=True)
-            done.record()
-            return done
-        stream = torch.cuda.current_stream(self.device)
-        self._copier.wait_stream(stream)
+            return to_host(self.argmax, dest)
+        done = torch.cuda.Event()
+        self._copier.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._copier):
             dest.copy_(self.argmax, non_blocking=True)
             done.record(self._copier)

@@ -13,6 +13,14 @@ from kernels.triton._pdl import enter, pdl_args
 
 
 @triton.jit
+def _normed(v, w, cols, m, D, eps):
+    """RMSNorm of the stream ``v`` (float32, zero where not ``m``) times the weight, in float32."""
+    h = v.to(w.dtype.element_ty).to(tl.float32)  # the reference rounds the stream to the weight dtype first
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
+    return h * rstd * tl.load(w + cols, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _add_rms_norm_kernel(x, res, w, out, res_out, D, eps, s_x, s_r, s_o, s_ro,
                          HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -23,10 +31,7 @@ def _add_rms_norm_kernel(x, res, w, out, res_out, D, eps, s_x, s_r, s_o, s_ro,
     if HAS_RES:
         v += tl.load(res + row * s_r + cols, mask=m, other=0.0).to(tl.float32)
     tl.store(res_out + row * s_ro + cols, v, mask=m)
-    h = v.to(w.dtype.element_ty).to(tl.float32)  # the reference rounds the stream to the weight dtype first
-    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
-    wv = tl.load(w + cols, mask=m, other=0.0).to(tl.float32)
-    tl.store(out + row * s_o + cols, h * rstd * wv, mask=m)
+    tl.store(out + row * s_o + cols, _normed(v, w, cols, m, D, eps), mask=m)
 
 
 def add_rms_norm_triton(x, residual, weight, eps: float = 1e-5, residual_fp32: bool = True):
@@ -64,10 +69,7 @@ def _embed_rms_norm_kernel(ids, table, w, out, res_out, zero, n_zero, b, D, eps,
         v = tl.load(table + tok * s_t + cols, mask=m, other=0.0).to(tl.float32)
         row = pid.to(tl.int64)
         tl.store(res_out + row * s_ro + cols, v, mask=m)
-        h = v.to(w.dtype.element_ty).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
-        wv = tl.load(w + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(out + row * s_o + cols, h * rstd * wv, mask=m)
+        tl.store(out + row * s_o + cols, _normed(v, w, cols, m, D, eps), mask=m)
     else:  # a block of the buffer to zero
         z = (pid - b).to(tl.int64) * ZB + tl.arange(0, ZB)
         tl.store(zero + z, tl.zeros((ZB,), tl.float32), mask=z < n_zero)

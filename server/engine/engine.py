@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.generate import SequenceDecoder, logits_mask, pick_tokens, to_device
+from model.generate import SequenceDecoder, logits_mask, pick_tokens, to_device, to_host
 from server.engine.state_cache import StateCache, prefix_hashes, prompt_items
 from server.engine.types import EngineOutput, EngineRequest, EngineStats
 from server.threads import name_os_thread
@@ -393,9 +393,7 @@ class Engine:
         if self.graphs is not None and tokens is self.graphs.argmax:
             done = self.graphs.copy_out(buf)  # on a side stream: the next step does not wait for it
         else:
-            buf.copy_(tokens, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
+            done = to_host(tokens, buf)
         return _Inflight(reqs, tokens, buf, done)
 
     def _consume(self, inf: _Inflight) -> None:
