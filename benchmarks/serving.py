@@ -382,11 +382,15 @@ def closed_loop(engine, prompts: list, concurrency: int, args, tag: str) -> dict
 def offline_levels(args, levels: list[tuple[int, int]], max_num_seqs: int) -> list[dict]:
     from model.checkpoint_vlm import load_vlmamba
     from server.engine import Engine, EngineConfig
-    from server.serving import ChatService
+    from server.serving import ChatService, prepare_image
 
     model, proc = load_vlmamba(args.checkpoint, device=args.device, dtype=torch_dtype(args.dtype, args.device),
                                backend=args.backend, random_weights=args.random_weights)
-    encode = ChatService(None, proc, None, None, None, "")._encode  # the server's tokenizing and preprocessing
+    service = ChatService(None, proc, None, None, None, "")
+
+    def encode(messages, images):  # the server's preprocessing and tokenizing
+        return service._encode(messages, [prepare_image(proc, im) for im in images])
+
     cfg = EngineConfig(max_num_seqs, args.max_prefill_seqs, int(args.state_cache_gb * 2**30),
                        cuda_graphs=not args.no_cuda_graphs, prefill_graph_tokens=args.prefill_graph_tokens)
     engine = Engine(model, proc, cfg)

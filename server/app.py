@@ -140,8 +140,14 @@ def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
     from server.engine import EngineConfig
     from server.images import ImageFetcher, ImageLimits
     from server.metrics import Metrics
-    from server.serving import ChatService
+    from server.serving import ChatService, prepare_image
 
+    # Built before the model loads, so that inconsistent limits fail at once.
+    limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
+                         timeout_s=settings.image_fetch_timeout, allow_private=settings.allow_private_image_urls,
+                         allowed_domains=tuple(d.strip() for d in (settings.image_domains or "").split(",")
+                                               if d.strip()),
+                         max_decoding_pixels=settings.max_decoding_pixels)
     state = {}
 
     @asynccontextmanager
@@ -155,11 +161,8 @@ def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
                            prefill_graph_tokens=settings.prefill_graph_tokens)
         engine, proc, name = await _start_engine(settings, loaded, cfg, metrics)
         metrics.attach(engine)
-        limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
-                             timeout_s=settings.image_fetch_timeout, allow_private=settings.allow_private_image_urls,
-                             allowed_domains=tuple(d.strip() for d in (settings.image_domains or "").split(",")
-                                                   if d.strip()))
-        fetcher = ImageFetcher(limits)
+        fetcher = ImageFetcher(limits, prepare=partial(prepare_image, proc))
+        metrics.watch_decoding(fetcher.budget)
         app.state.engine = engine  # for operators' hooks and tests (e.g. fault injection)
         state.update(engine=engine, metrics=metrics, name=name, started=int(time.time()),
                      chat=ChatService(engine, proc, fetcher, settings, metrics, name))

@@ -9,7 +9,13 @@ remote fetch is treated as hostile input, because the server fetches on the user
   that was checked (see :meth:`ImageFetcher._send`), so DNS cannot change between check and connect.
 * **Resource exhaustion.** One deadline covers resolution, all redirects and the body; the body is read
   as a stream and abandoned as soon as it passes ``max_bytes``; the pixel count is checked from the
-  header, before any pixel is decoded.
+  header, before any pixel is decoded. Decoding waits for a share of a server-wide pixel budget
+  (:class:`PixelBudget`), so the memory that full-size decoded images take is bounded whatever the
+  number of requests, and the caller's ``prepare`` (the model's resize) runs in the same worker
+  call: a request then holds its images at the model's size, not at the size they were sent.
+* **Isolation.** Host lookups and decoding run in the fetcher's own threads: lookups that hang (a slow
+  or hostile DNS server) or a burst of decodes wait there, not in the threads that tokenize
+  every other request.
 * **Privacy.** Error messages and logs name the host, never the path, query string or payload.
 
 All failures are :class:`ImageError` subclasses, i.e. :class:`model.errors.VLMambaError`, so the server
@@ -21,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import http.cookiejar
 import io
 import ipaddress
@@ -29,12 +36,15 @@ import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from PIL import Image
 
 from model.errors import VLMambaError
+from server.threads import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +99,71 @@ class ImageLimits:
     max_redirects: int = 3
     allow_private: bool = False          # allow loopback/private/link-local targets (tests, local use)
     allowed_domains: tuple[str, ...] = ()  # host allowlist, suffix match on dot boundaries; empty = any
+    max_decoding_pixels: int = 120_000_000  # pixels being decoded at once, all requests together
+    decode_threads: int = 4              # threads that decode (and prepare) images
+    resolver_threads: int = 8            # threads for host lookups; further lookups queue for them
+
+    def __post_init__(self):
+        if self.max_decoding_pixels < self.max_pixels:
+            raise ValueError(f"max_decoding_pixels ({self.max_decoding_pixels:,}) must be at least max_pixels "
+                             f"({self.max_pixels:,}): an image of the largest allowed size could never be decoded")
+        if self.decode_threads < 1 or self.resolver_threads < 1:
+            raise ValueError("decode_threads and resolver_threads must be at least 1")
 
 
 @dataclass
 class FetchedImage:
-    image: Image.Image   # RGB, first frame
+    image: Any           # the RGB PIL image of the first frame, or what the fetcher's ``prepare`` made of it
     source: str          # "data" or "http"
-    seconds: float       # wall time of fetch + decode
+    seconds: float       # wall time of fetch + decode (+ prepare)
     nbytes: int          # encoded size
+
+
+class PixelBudget:
+    """Pixels being decoded at once, shared by every request: a weighted first-come, first-served
+    semaphore on the event loop. A decoded image takes 3-4 bytes per pixel (more while it is
+    converted to RGB), so the budget bounds the memory that decoding takes. Waiters are served in
+    arrival order, so a large image is not passed over forever by smaller ones."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.in_use = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)  # read from the metrics' thread too: no iteration
+
+    async def acquire(self, n: int) -> int:
+        """Wait for ``n`` pixels (at most the capacity) and return the amount held, for :meth:`release`."""
+        n = min(n, self.capacity)
+        if not self._waiters and self.in_use + n <= self.capacity:
+            self.in_use += n
+            return n
+        entry = (n, asyncio.get_running_loop().create_future())
+        self._waiters.append(entry)
+        try:
+            await entry[1]
+        except asyncio.CancelledError:
+            if entry[1].done() and not entry[1].cancelled():  # granted as the caller was cancelled
+                self.release(n)
+            else:
+                if entry in self._waiters:
+                    self._waiters.remove(entry)
+                self._grant()  # the ones behind may fit now
+            raise
+        return n
+
+    def release(self, n: int) -> None:
+        self.in_use -= n
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters and (self._waiters[0][1].done() or self.in_use + self._waiters[0][0] <= self.capacity):
+            n, fut = self._waiters.popleft()
+            if not fut.done():
+                self.in_use += n
+                fut.set_result(None)
 
 
 _METADATA = {ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200")}
@@ -163,12 +230,6 @@ def _host_allowed(host: str, domains: tuple[str, ...]) -> bool:
     return not domains or any(host == d or host.endswith("." + d) for d in domains)
 
 
-async def _system_resolver(host: str) -> list[str]:
-    """The event loop's getaddrinfo, as a list of address strings."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    return [info[4][0] for info in infos]
-
-
 class _NoCookies(http.cookiejar.DefaultCookiePolicy):
     """The client is shared by all users' requests: never store a cookie from one to send with another."""
 
@@ -180,8 +241,9 @@ class _NoCookies(http.cookiejar.DefaultCookiePolicy):
 
 
 # --------------------------------------------------------------------------------------------- decode
-def decode_image(data: bytes, limits: ImageLimits, what: str) -> Image.Image:
-    """Untrusted bytes -> RGB image of the first frame. ``what`` names the source in messages."""
+def open_image(data: bytes, limits: ImageLimits, what: str) -> Image.Image:
+    """Untrusted bytes -> a PIL image whose header has been read and checked against ``limits``;
+    no pixel is decoded yet. ``what`` names the source in messages."""
     try:
         img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError:
@@ -194,18 +256,31 @@ def decode_image(data: bytes, limits: ImageLimits, what: str) -> Image.Image:
     if width * height > limits.max_pixels:
         raise ImageTooLarge(f"{what} is {width}x{height} = {width * height:,} pixels, over the limit of "
                             f"{limits.max_pixels:,} pixels")
+    return img
+
+
+def finish_image(img: Image.Image, what: str, prepare: Callable[[Image.Image], Any] | None = None) -> Any:
+    """Decode an image from :func:`open_image`: the RGB image of its first frame, or ``prepare(it)``."""
     try:
         img.seek(0)  # animated images: the first frame only
         img.load()
-        return img.convert("RGB")
+        rgb = img.convert("RGB")
     except Image.DecompressionBombError:
         raise ImageTooLarge(f"{what} is too large: it exceeds the decoder's safety limit") from None
     except Exception:
         raise ImageError(f"{what} is not a decodable image: the data is truncated or corrupt") from None
+    finally:
+        img.close()
+    return prepare(rgb) if prepare is not None else rgb
 
 
-def _decode_data_url(url: str, limits: ImageLimits) -> tuple[Image.Image, int]:
-    """``data:image/<type>;base64,<payload>`` -> (RGB image, decoded byte count)."""
+def decode_image(data: bytes, limits: ImageLimits, what: str) -> Image.Image:
+    """Untrusted bytes -> RGB image of the first frame. ``what`` names the source in messages."""
+    return finish_image(open_image(data, limits, what), what)
+
+
+def _open_data_url(url: str, limits: ImageLimits) -> tuple[Image.Image, int]:
+    """``data:image/<type>;base64,<payload>`` -> (image from :func:`open_image`, decoded byte count)."""
     header, sep, payload = url.partition(",")
     params = header[len("data:"):].lower().split(";")
     if not sep or params[-1] != "base64":
@@ -220,7 +295,7 @@ def _decode_data_url(url: str, limits: ImageLimits) -> tuple[Image.Image, int]:
         raise ImageError("invalid base64 in data URL") from None
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(_bytes_message("the data URL image", limits.max_bytes))
-    return decode_image(data, limits, "the data URL image"), len(data)
+    return open_image(data, limits, "the data URL image"), len(data)
 
 
 def _label(host: str) -> str:
@@ -236,14 +311,23 @@ def _bytes_message(what: str, max_bytes: int) -> str:
 class ImageFetcher:
     """Fetches and decodes images under :class:`ImageLimits`. One per server; safe for concurrent use.
 
-    ``resolver`` (async host -> list of IP strings) and ``transport`` (an httpx transport) exist for tests.
+    ``prepare`` (PIL RGB image -> anything, e.g. the model's resize) runs in the decoding thread,
+    under the pixel budget; :attr:`FetchedImage.image` is then its result. ``resolver`` (async host
+    -> list of IP strings) and ``transport`` (an httpx transport) exist for tests.
     """
 
     def __init__(self, limits: ImageLimits | None = None, resolver: Resolver | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 prepare: Callable[[Image.Image], Any] | None = None):
         self.limits = limits or ImageLimits()
-        self._resolve = resolver or _system_resolver
+        self.prepare = prepare
+        self.budget = PixelBudget(self.limits.max_decoding_pixels)
+        self._resolve = resolver or self._system_resolve
         self._domains = tuple(d.strip().rstrip(".").lower() for d in self.limits.allowed_domains if d.strip())
+        self._decoders = ThreadPoolExecutor(self.limits.decode_threads, thread_name_prefix="vlmamba-image",
+                                            initializer=name_os_thread)
+        self._resolvers = ThreadPoolExecutor(self.limits.resolver_threads, thread_name_prefix="vlmamba-dns",
+                                             initializer=name_os_thread)
         self._client = httpx.AsyncClient(
             transport=transport,
             follow_redirects=False,        # redirects are followed by hand, each hop checked
@@ -266,6 +350,9 @@ class ImageFetcher:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        # Lookups hung in the system resolver are not waited for; queued work is dropped.
+        self._resolvers.shutdown(wait=False, cancel_futures=True)
+        self._decoders.shutdown(wait=False, cancel_futures=True)
 
     async def fetch(self, url: str, *, param: str | None = None) -> FetchedImage:
         """Fetch and decode ``url``. Raises an :class:`ImageError` subclass, with ``param`` attached."""
@@ -278,8 +365,9 @@ class ImageFetcher:
     async def _fetch(self, url: str) -> FetchedImage:
         start = time.perf_counter()
         if url[:5].lower() == "data:":
-            img, nbytes = await asyncio.to_thread(_decode_data_url, url, self.limits)
-            return FetchedImage(img, "data", time.perf_counter() - start, nbytes)
+            img, nbytes = await self._in_thread(self._decoders, _open_data_url, url, self.limits)
+            image = await self._decode(img, "the data URL image")
+            return FetchedImage(image, "data", time.perf_counter() - start, nbytes)
         target = self._parse(url)
         host = _label(target.raw_host.decode("ascii"))
         try:
@@ -289,10 +377,41 @@ class ImageFetcher:
         except (TimeoutError, httpx.TimeoutException):
             raise ImageFetchTimeout(f"fetching the image from {host} (redirects included) took longer "
                                     f"than the {self.limits.timeout_s:g} s limit") from None
-        img = await asyncio.to_thread(decode_image, data, self.limits, f"the image from {host}")
+        what = f"the image from {host}"
+        image = await self._decode(await self._in_thread(self._decoders, open_image, data, self.limits, what), what)
         seconds = time.perf_counter() - start
         log.debug("fetched image host=%s bytes=%d seconds=%.3f", host, len(data), seconds)
-        return FetchedImage(img, "http", seconds, len(data))
+        return FetchedImage(image, "http", seconds, len(data))
+
+    async def _decode(self, img: Image.Image, what: str) -> Any:
+        """Decode (and prepare) an opened image once its pixels fit in the budget. The pixels are
+        given back when the worker is done with them, also when the caller is cancelled first."""
+        width, height = img.size
+        held = await self.budget.acquire(width * height)
+        loop = asyncio.get_running_loop()
+
+        def give_back(_: Future) -> None:
+            try:
+                loop.call_soon_threadsafe(self.budget.release, held)
+            except RuntimeError:  # the loop has closed: nothing is left to wait for the budget
+                pass
+
+        try:
+            job = self._decoders.submit(finish_image, img, what, self.prepare)
+        except BaseException:
+            self.budget.release(held)
+            raise
+        job.add_done_callback(give_back)
+        return await asyncio.wrap_future(job)
+
+    @staticmethod
+    async def _in_thread(pool: ThreadPoolExecutor, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    async def _system_resolve(self, host: str) -> list[str]:
+        """The system resolver's addresses for ``host``, looked up in the fetcher's own threads."""
+        infos = await self._in_thread(self._resolvers, socket.getaddrinfo, host, None, 0, socket.SOCK_STREAM)
+        return [info[4][0] for info in infos]
 
     @staticmethod
     def _parse(url: str, base: httpx.URL | None = None) -> httpx.URL:

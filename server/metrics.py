@@ -7,7 +7,7 @@ gauges and cache counters are read from ``engine.stats()`` at scrape time.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from server.engine.engine import Observer
@@ -41,7 +41,7 @@ class Metrics(Observer):
         self.itl = h("vlmamba_inter_token_latency_seconds", "Time between tokens of a sequence")
         self.e2e = h("vlmamba_e2e_request_latency_seconds", "Arrival to last token")
         self.queue = h("vlmamba_request_queue_time_seconds", "Arrival to admission into a state slot")
-        self.fetch = h("vlmamba_image_fetch_seconds", "Image URL fetch time")
+        self.fetch = h("vlmamba_image_fetch_seconds", "Image fetch, decode and resize time, waits included")
         self.prepare = h("vlmamba_request_prepare_seconds", "Request handler start to hand-off to the engine: image "
                          "fetching and decoding, chat template, tokenizing, image preprocessing", FAST)
         self.batch = h("vlmamba_decode_batch_size", "Sequences per decode step", (1, 2, 4, 8, 16, 32, 64, 128, 256))
@@ -55,6 +55,13 @@ class Metrics(Observer):
 
     def attach(self, engine) -> None:
         self.registry.register(_EngineCollector(engine))
+
+    def watch_decoding(self, budget) -> None:
+        """Gauges of the image fetcher's :class:`~server.images.PixelBudget`, read at scrape time."""
+        g = lambda name, doc: Gauge(name, doc, registry=self.registry)
+        g("vlmamba_image_decoding_pixels", "Pixels of images being decoded now").set_function(lambda: budget.in_use)
+        g("vlmamba_image_decoding_waiting", "Images waiting for the decoding pixel budget").set_function(
+            lambda: budget.waiting)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -24,6 +24,15 @@ KNOWN = set(ChatCompletionRequest.model_fields)
 MAX_STOP_CHARS = 256  # per stop sequence
 
 
+def prepare_image(processor, image) -> ImageInput:
+    """A decoded RGB image -> the engine's input: the processor's resized pixels, as uint8 where
+    the processor allows (the engine normalizes them on its device: a quarter of the bytes to
+    hash here and to send to the engine process), and their digest. Runs in the image fetcher's
+    decoding thread, so a request holds its images at the model's size from then on."""
+    px = processor.preprocess_images([image], normalize=False)[0]
+    return ImageInput(px, hashlib.sha256(px.numpy().tobytes()).hexdigest()[:32])
+
+
 def scope_of(api_key: str | None) -> str:
     """Cache scope of a caller: a digest of the API key (never the key itself)."""
     return hashlib.sha256(api_key.encode()).hexdigest()[:32] if api_key else ""
@@ -103,17 +112,12 @@ class ChatService:
         self.metrics.fetch.observe(got.seconds)
         return got.image
 
-    def _encode(self, messages: list[dict], images: list) -> tuple[list[int], list[ImageInput]]:
-        """Runs in a worker thread: chat template, tokenizing, image preprocessing, digests."""
+    def _encode(self, messages: list[dict], images: list[ImageInput]) -> tuple[list[int], list[ImageInput]]:
+        """Runs in a worker thread: chat template and tokenizing (the images were prepared as
+        they were decoded, :func:`prepare_image`)."""
         # Text that mentions the image marker keeps it as text: only image parts are placeholders.
         text = self.processor.apply_chat_template(self.processor.escape_markers(messages))
-        ids = self.processor.tokenize(text, len(images))
-        # uint8 where the processor allows (the engine normalizes them on its device): a quarter
-        # of the bytes to hash here and to send to the engine process.
-        pixels = self.processor.preprocess_images(images, normalize=False)
-        inputs = [ImageInput(px, hashlib.sha256(px.numpy().tobytes()).hexdigest()[:32])
-                  for px in (pixels if pixels is not None else [])]
-        return ids, inputs
+        return self.processor.tokenize(text, len(images)), images
 
     def _params(self, req: ChatCompletionRequest, prompt_len: int) -> SamplingParams:
         room = self.settings.max_model_len - prompt_len

@@ -41,6 +41,8 @@ class ServerSettings:
     max_image_bytes: int = _opt(20 * 2**20, "largest image download or data URL in bytes")
     max_image_pixels: int = _opt(40_000_000, "largest image in pixels (checked before decoding)")
     image_domains: str | None = _opt(None, "comma-separated allowlist of image URL domains")
+    max_decoding_pixels: int = _opt(120_000_000, "pixels decoded at once, all requests together (images wait "
+                                                  "their turn beyond; at least max_image_pixels)")
     default_max_tokens: int = _opt(512, "completion length when the request sets none")
     grace_period: float = _opt(30.0, "seconds running streams may finish after SIGTERM")
     no_webui: bool = _opt(False, "do not serve the chat page at /")

@@ -257,6 +257,9 @@ def test_models_metrics_and_docs(live, client):
     assert 0 < m["vlmamba_request_prepare_seconds_count[]"] <= m["vlmamba_time_to_first_token_seconds_count[]"] + 1
     assert m["vlmamba_request_prepare_seconds_sum[]"] > 0
     assert m["vlmamba_cached_prompt_tokens_total[]"] > 0  # the multi-turn test hit the cache
+    # Images have been decoded; none is being decoded or waiting now.
+    assert m["vlmamba_image_fetch_seconds_count[]"] > 0
+    assert m["vlmamba_image_decoding_pixels[]"] == 0 and m["vlmamba_image_decoding_waiting[]"] == 0
     assert httpx.get(live.url + "/docs").status_code == 200
     assert "/v1/chat/completions" in httpx.get(live.url + "/openapi.json").json()["paths"]
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 from model.errors import VLMambaError
 from server.images import (FetchedImage, ImageError, ImageFetchFailed, ImageFetcher, ImageFetchTimeout,
-                           ImageLimits, ImageTooLarge, ImageURLRefused, address_refusal)
+                           ImageLimits, ImageTooLarge, ImageURLRefused, PixelBudget, address_refusal)
 
 RED, GREEN, BLUE = (220, 20, 20), (20, 200, 20), (20, 20, 220)
 
@@ -542,3 +542,89 @@ def test_allowlist_applies_to_redirects(server):
     with pytest.raises(ImageURLRefused, match="other.test.*allowed domains"):
         fetch(f"http://images.test:{server.port}/redirect?to={target}", resolver=_allowlist_resolver(),
               allow_private=True, allowed_domains=("images.test",))
+
+
+# ------------------------------------------------------------------------------------------ decoding budget
+def test_pixel_budget_serves_waiters_in_arrival_order_and_forgets_cancelled_ones():
+    async def main():
+        budget, order = PixelBudget(100), []
+
+        async def take(name, n, hold):
+            got = await budget.acquire(n)
+            order.append(name)
+            await hold.wait()
+            budget.release(got)
+
+        holds = {k: asyncio.Event() for k in "abcd"}
+        a = asyncio.create_task(take("a", 60, holds["a"]))
+        await asyncio.sleep(0)
+        b = asyncio.create_task(take("b", 50, holds["b"]))
+        c = asyncio.create_task(take("c", 10, holds["c"]))  # fits now, but b came first
+        await asyncio.sleep(0.01)
+        assert order == ["a"] and budget.in_use == 60 and budget.waiting == 2
+        b.cancel()  # a waiter that gives up: the one behind it is served at once
+        await asyncio.sleep(0.01)
+        assert order == ["a", "c"] and budget.in_use == 70 and budget.waiting == 0
+        d = asyncio.create_task(take("d", 500, holds["d"]))  # more than the capacity: all of it
+        await asyncio.sleep(0.01)
+        assert budget.waiting == 1
+        holds["a"].set()
+        holds["c"].set()
+        await asyncio.sleep(0.01)
+        assert order == ["a", "c", "d"] and budget.in_use == 100
+        holds["d"].set()
+        await asyncio.gather(a, c, d)
+        assert b.cancelled() and budget.in_use == 0 and budget.waiting == 0
+
+    asyncio.run(main())
+
+
+def test_pixel_budget_takes_back_a_grant_whose_waiter_was_cancelled():
+    async def main():
+        budget = PixelBudget(10)
+        first = await budget.acquire(10)
+        waiter = asyncio.create_task(budget.acquire(4))
+        await asyncio.sleep(0)
+        budget.release(first)  # grants the waiter ...
+        waiter.cancel()         # ... which is cancelled before it runs again
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert budget.in_use == 0
+
+    asyncio.run(main())
+
+
+def test_decoding_waits_for_the_budget_and_frees_it_when_the_worker_is_done():
+    """Pixels stay counted while a worker decodes them, also after the fetch that asked for them
+    was cancelled; the next image waits until then. ``prepare`` runs in the worker, and its
+    result is what the fetch returns."""
+    gate, entered = threading.Event(), threading.Event()
+
+    def prepare(img):
+        entered.set()
+        gate.wait(10)
+        return ("prepared", img.size)
+
+    async def main():
+        limits = ImageLimits(max_pixels=32 * 24, max_decoding_pixels=1000)
+        async with ImageFetcher(limits, resolver=FakeResolver(), transport=LoopbackOnly(), prepare=prepare) as f:
+            first = asyncio.create_task(f.fetch(data_url(PNG)))
+            while not entered.is_set():
+                await asyncio.sleep(0.005)
+            second = asyncio.create_task(f.fetch(data_url(PNG)))
+            await asyncio.sleep(0.05)
+            assert f.budget.in_use == 32 * 24 and f.budget.waiting == 1
+            first.cancel()
+            await asyncio.sleep(0.05)
+            assert f.budget.in_use == 32 * 24 and f.budget.waiting == 1 and not second.done()
+            gate.set()  # the first worker finishes; its pixels go back; the second decodes
+            got = await second
+            assert first.cancelled() and got.image == ("prepared", (32, 24)) and got.source == "data"
+            assert f.budget.in_use == 0
+
+    asyncio.run(main())
+
+
+def test_decoding_budget_must_hold_the_largest_image():
+    with pytest.raises(ValueError, match="max_decoding_pixels"):
+        ImageLimits(max_pixels=1000, max_decoding_pixels=999)

@@ -150,3 +150,50 @@ def test_api_keys_isolate_cached_states_and_are_never_logged(demo, caplog):
                        headers={"Authorization": f"Bearer {ka[:-1]}x"})
         assert r.status_code == 401
     assert ka not in caplog.text and kb not in caplog.text
+
+
+def test_hung_host_lookups_hold_only_the_image_fetchers_threads(demo, monkeypatch):
+    """Lookups that never answer (a slow or hostile DNS server) run out their image's deadline in
+    the fetcher's own resolver threads; tokenizing and decoding for everyone else go on."""
+    import socket
+    import threading
+
+    model, proc = demo
+    real, release, calls = socket.getaddrinfo, threading.Event(), []
+
+    def getaddrinfo(host, *args, **kw):
+        if str(host).endswith(".hang.test"):
+            calls.append(host)
+            release.wait(60)
+            raise socket.gaierror(socket.EAI_AGAIN, "temporary failure in name resolution")
+        assert host in ("127.0.0.1", "localhost", b"127.0.0.1"), host  # nothing but loopback is looked up
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    hung = 12  # more than the server's worker threads (at most 32; 6 on 2 cores) and its resolver threads
+    img = data_url(make_sample("test", 3).image())
+    with LiveServer(ServerSettings(image_fetch_timeout=3.0), (model, proc, "m")) as srv:
+        try:
+            async def main():
+                async with httpx.AsyncClient(timeout=30) as client:
+                    post = lambda body: client.post(srv.url + "/v1/chat/completions", json=body)
+                    stuck = [asyncio.create_task(post({"messages": ask(f"http://img{i}.hang.test/a.png", "Hi"),
+                                                       "max_tokens": 2})) for i in range(hung)]
+                    deadline = time.perf_counter() + 2
+                    while len(calls) < 8 and time.perf_counter() < deadline:  # every resolver thread is blocked
+                        await asyncio.sleep(0.02)
+                    t0 = time.perf_counter()
+                    text = await post({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+                    image = await post({"messages": ask(img, "How many shapes?"), "max_tokens": 2})
+                    served = time.perf_counter() - t0
+                    return served, text, image, await asyncio.gather(*stuck)
+
+            served, text, image, stuck = asyncio.run(main())
+            assert text.status_code == 200 and image.status_code == 200
+            assert served < 2.5, served  # well inside the hung lookups' 3 s deadline
+            assert {r.status_code for r in stuck} == {504}
+            assert all(r.json()["error"]["code"] == "image_fetch_timeout" for r in stuck)
+            assert len(calls) == 8  # the queued lookups were dropped at their deadline, never started
+        finally:
+            release.set()
+        _wait_idle(srv)
