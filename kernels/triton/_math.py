@@ -66,3 +66,12 @@ def silu(x, FAST: tl.constexpr):
         return x * (0.5 + 0.5 * _ptx(0.5 * x, "tanh.approx.f32 $0, $1;"))
     else:
         return x * tl.sigmoid(x)
+
+
+@triton.jit
+def ssm_step(h, a, dt, x, b, c):
+    """One decode step of the selective scan on a block of channels, in float32: h (channels,
+    n) becomes exp(dt A) h + dt x B; returns (h, C.h). The decode kernels' shared math (the
+    state update alone and fused into ``mixer_out``)."""
+    h = h * tl.exp(a * dt[:, None]) + b[None, :] * (dt * x)[:, None]
+    return h, tl.sum(h * c[None, :], axis=1)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton._math import silu, softplus
+from kernels.triton._math import silu, softplus, ssm_step
 from kernels.triton._pdl import enter, next_args, pdl_args, prefetch_rows, prefetch_span
 from kernels.triton.linear import fit_stages
 
@@ -129,10 +129,9 @@ def _ssm_row(state, hp, h, x, z, xp, wt, a, bias, dv, i, rd, rn, rr, md, mn, ms,
     xv = tl.load(x + i * s_x + rd, mask=md, other=0.0).to(tl.float32)
     zv = tl.load(z + i * s_z + rd, mask=md, other=0.0).to(tl.float32)
     dtv = softplus(tl.sum(wt.to(tl.float32) * lo[None, :], axis=1) + bias, False)
-    h = h * tl.exp(a * dtv[:, None]) + bv[None, :] * (dtv * xv)[:, None]
+    h, y = ssm_step(h, a, dtv, xv, bv, cv)
     tl.store(hp, h.to(state.dtype.element_ty), mask=ms)
-    y = tl.sum(h * cv[None, :], axis=1) + xv * dv
-    return y * silu(zv, False)
+    return (y + xv * dv) * silu(zv, False)
 
 
 @triton.jit

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton._math import silu, softplus
+from kernels.triton._math import silu, softplus, ssm_step
 from kernels.triton._pdl import enter, pdl_args, prefetch_rows
 
 
@@ -85,9 +85,8 @@ def _ssu_kernel(state, x, dt, A, B, C, D, z, dt_bias, out, idx, Wdt,
         a = -tl.exp(a)
     bv = tl.load(B + b * s_Bb + rn, mask=mn, other=0.0).to(tl.float32)
     cv = tl.load(C + b * s_Cb + rn, mask=mn, other=0.0).to(tl.float32)
-    h = h * tl.exp(a * dtv[:, None]) + bv[None, :] * (dtv * xv)[:, None]
+    h, y = ssm_step(h, a, dtv, xv, bv, cv)
     tl.store(hp, h, mask=m2)
-    y = tl.sum(h * cv[None, :], axis=1)
     if HAS_D:
         y += xv * dv
     if HAS_Z:
