@@ -14,6 +14,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.engine.types import EngineStats
+from server.images import PixelBudget
 from server.metrics import Metrics
 from tests.deploy.helpers import DEPLOY
 
@@ -39,6 +40,7 @@ def exported() -> set[str]:
     m = Metrics()
     m.attach(SimpleNamespace(stats=lambda: EngineStats(running=1, slots_used=1, slots_total=16, cache_bytes=1024,
                                                        cache_entries=2, cache_hits=3, cache_misses=1)))
+    m.watch_decoding(PixelBudget(100))
     for h in (m.ttft, m.itl, m.e2e, m.queue, m.fetch, m.batch):
         h.observe(0.1)
     for c in (m.prompt_tokens, m.cached_tokens, m.generation_tokens):
