@@ -32,12 +32,13 @@ import http.cookiejar
 import io
 import ipaddress
 import logging
+import os
 import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -100,7 +101,8 @@ class ImageLimits:
     allow_private: bool = False          # allow loopback/private/link-local targets (tests, local use)
     allowed_domains: tuple[str, ...] = ()  # host allowlist, suffix match on dot boundaries; empty = any
     max_decoding_pixels: int = 120_000_000  # pixels being decoded at once, all requests together
-    decode_threads: int = 4              # threads that decode (and prepare) images
+    # Threads that decode (and prepare) images: one per core, 4 to 16.
+    decode_threads: int = field(default_factory=lambda: min(16, max(4, os.cpu_count() or 4)))
     resolver_threads: int = 8            # threads for host lookups; further lookups queue for them
 
     def __post_init__(self):
