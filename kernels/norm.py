@@ -53,11 +53,11 @@ def embed_rms_norm(ids, table, weight, eps: float = 1e-5, residual_fp32: bool = 
     """Same contract as :func:`embed_rms_norm_ref`: the decode step's first kernel at a few rows
     (the gather, the memset and the norm were three, each a few microseconds at one row);
     ``cuda`` runs the reference."""
-    if backend == "cuda":
-        return embed_rms_norm_ref(ids, table, weight, eps, residual_fp32, zero)
-    chosen = resolve_backend(backend, "embed_rms_norm", table.device, None, _triton_ops(), needs_grad(table, weight))
-    if chosen == "triton":
-        from kernels.triton import embed_rms_norm_triton
+    if backend != "cuda":
+        chosen = resolve_backend(backend, "embed_rms_norm", table.device, None, _triton_ops(),
+                                 needs_grad(table, weight))
+        if chosen == "triton":
+            from kernels.triton import embed_rms_norm_triton
 
-        return embed_rms_norm_triton(ids, table, weight, eps, residual_fp32, zero)
+            return embed_rms_norm_triton(ids, table, weight, eps, residual_fp32, zero)
     return embed_rms_norm_ref(ids, table, weight, eps, residual_fp32, zero)

@@ -162,11 +162,9 @@ class GraphDecoder:
         side = self._side_of(self.argmax)
         if side is None:  # an eager step's tokens: copied in stream order
             return to_host(self.argmax, dest)
-        done = torch.cuda.Event()
         self._copier.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._copier):
-            dest.copy_(self.argmax, non_blocking=True)
-            done.record(self._copier)
+            done = to_host(self.argmax, dest)  # recorded on the side stream
         self._copies[side] = done
         return done
 

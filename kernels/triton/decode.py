@@ -21,6 +21,7 @@ import triton.language as tl
 from kernels.triton._math import silu, softplus, ssm_step
 from kernels.triton._pdl import enter, next_args, pdl_args, prefetch_rows, prefetch_span
 from kernels.triton.linear import fit_stages
+from kernels.triton.selective_state_update import _constants, _slot_state
 
 # Elements of each in_proj row prefetched into L2 while the previous kernel finishes (0: none).
 PREFETCH_K = 256
@@ -152,12 +153,10 @@ def _mixer_out_kernel(state, idx, x, z, xp, A_log, Dp, dt_bias, w_dt, w_out, ys,
     m2 = md[:, None] & mn[None, :]
     # Before the wait, what the kernel just before (mixer_in) does not write: A, the dt bias, D,
     # dt_proj's rows, the first row's state, and an L2 prefetch of the first tile of out_proj.
-    a = -tl.exp(tl.load(A_log + rd[:, None] * s_A + rn[None, :], mask=m2, other=0.0).to(tl.float32))
-    bias = tl.load(dt_bias + rd, mask=md, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros((BLOCK_C,), tl.float32)
-    dv = tl.load(Dp + rd, mask=md, other=0.0).to(tl.float32) if HAS_D else tl.zeros((BLOCK_C,), tl.float32)
+    a, bias, dv = _constants(A_log, Dp, dt_bias, rd, rn, md, m2, s_A, HAS_D, HAS_BIAS, BLOCK_C)
+    a = -tl.exp(a)
     wt = tl.load(w_dt + rd[:, None] * s_wd + rr[None, :], mask=md[:, None] & (rr < r)[None, :], other=0.0)
-    hp = state + tl.load(idx).to(tl.int64) * s_pool + rd[:, None] * s_d + rn[None, :] * s_n
-    h = tl.load(hp, mask=m2, other=0.0).to(tl.float32)
+    hp, h = _slot_state(state, idx, 0, rd, rn, m2, s_pool, s_d, s_n, True)
     if PREFETCH:
         prefetch_rows(w_out, tl.minimum(ro, E - 1), s_wo, pid * BLOCK_C, d, PF_COLS)
     enter(PDL)
@@ -174,8 +173,7 @@ def _mixer_out_kernel(state, idx, x, z, xp, A_log, Dp, dt_bias, w_dt, w_out, ys,
     else:
         tl.store(ys + rd, y.to(dt), mask=md)
         for i in range(1, m):
-            hp = state + tl.load(idx + i).to(tl.int64) * s_pool + rd[:, None] * s_d + rn[None, :] * s_n
-            h = tl.load(hp, mask=m2, other=0.0).to(tl.float32)
+            hp, h = _slot_state(state, idx, i, rd, rn, m2, s_pool, s_d, s_n, True)
             y = _ssm_row(state, hp, h, x, z, xp, wt, a, bias, dv, i, rd, rn, rr, md, mn, m2, r, n, s_x, s_z, s_xp)
             tl.store(ys + i * s_ys + rd, y.to(dt), mask=md)
         tl.debug_barrier()  # the y rows, stored by all of the program's threads, become the dot's operand
