@@ -8,11 +8,17 @@ max_length changes). Definitions, the same for every system:
 - prefill tok/s = b * prompt / (time of one forward over the (b, prompt) batch); ours through
   the engine's prefill path, which replays a CUDA graph for batches of up to 2048 (padded)
   tokens and launches eagerly beyond (the JSON also has the eager figure, prefill_eager_tok_s);
-- decode tok/s  = b * new / (time of prompt + new tokens - prefill time);
-- ours (engine): requests through :class:`server.engine.Engine` (admission, batched prefill,
-  CUDA-graph decode, per-request sampling and detokenizing); ours (graph loop): the engine's
-  captured decode step (with the greedy argmax inside it) in a plain loop, the same work
-  mamba-ssm's ``generate`` does;
+- decode tok/s  = b * new / (time from the end of the prefill to the last token), the new - 1
+  decode steps after the prefill's token. Ours (engine): requests through
+  :class:`server.engine.Engine` (admission, batched prefill, CUDA-graph decode, per-request
+  sampling and detokenizing), from the host holding every prompt's first token to the last
+  reply. The graph loops (ours: the engine's captured decode step, with the greedy argmax
+  inside it, in a plain loop, the same work mamba-ssm's ``generate`` does; mamba-ssm's
+  ``generate(cg=True)``; transformers' ``generate``): from the first decode step, queued once
+  the prefill is (a CUDA event recorded as it is queued, so the device's span; wall time on a
+  CPU), to the end of the call (:class:`DecodeClock`). Subtracting a prefill timed on its own
+  from a whole call's time instead missed by up to 7 % at 64 x 768 tokens, where the prefill
+  takes longer than the decode;
 - prefill latency (``--prefill-shapes``, ours only): one prefill of each batch x prompt shape
   launched eagerly and on the engine's path, which shows what the prefill graphs save where the
   host's launches, not the GPU, bound a prefill;
@@ -41,6 +47,7 @@ import json
 import os
 import shlex
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -105,8 +112,6 @@ def prefill_times(model, engine, ids, repeats) -> tuple[float, float, bool]:
 
 def engine_generate(engine, prompts: list[list[int]], new: int) -> tuple[float, float]:
     """Run the prompts through the engine; returns (seconds to the last first token, total seconds)."""
-    import time
-
     from model.sampling import SamplingParams
     from server.engine import EngineRequest
 
@@ -133,13 +138,71 @@ def engine_generate(engine, prompts: list[list[int]], new: int) -> tuple[float, 
     return max(r.first_token_time for r in reqs) - t0, t1 - t0
 
 
-def graph_loop(engine, model, ids, new):
-    """The engine's prefill, then ``new`` greedy steps replayed from the engine's decode graphs."""
+class DecodeClock:
+    """When a generation's first decode step is queued (:meth:`mark`, or a callable wrapped by
+    :meth:`marking`) and how long from there to the end of the call (:meth:`span`): CUDA events
+    on a GPU, so the device's span with the prefill left out but every idle gap between steps
+    counted; wall time on a CPU."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.start, self.calls = None, 0
+
+    def reset(self) -> None:
+        self.start, self.calls = None, 0
+
+    def mark(self) -> None:
+        if self.start is None:
+            if self.cuda:
+                self.start = torch.cuda.Event(enable_timing=True)
+                self.start.record()
+            else:
+                self.start = time.perf_counter()
+
+    def marking(self, fn, skip: int = 0):
+        """``fn`` that marks the start when called the ``skip`` + 1-th time since :meth:`reset`."""
+        def call(*args, **kwargs):
+            self.calls += 1
+            if self.calls == skip + 1:
+                self.mark()
+            return fn(*args, **kwargs)
+        return call
+
+    def span(self) -> float:
+        if self.start is None:
+            raise RuntimeError("no decode step was marked")
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            return self.start.elapsed_time(end) / 1e3
+        return time.perf_counter() - self.start
+
+
+def timed_decode(fn, clock: DecodeClock, device, repeats: int) -> tuple[float, float, object]:
+    """Median total seconds and median decode seconds (``clock``'s span) of ``repeats`` calls of fn,
+    and the last result."""
+    totals, spans, out = [], [], None
+    for _ in range(repeats):
+        sync(device)
+        clock.reset()
+        t0 = time.perf_counter()
+        out = fn()
+        spans.append(clock.span())
+        totals.append(time.perf_counter() - t0)
+    return sorted(totals)[len(totals) // 2], sorted(spans)[len(spans) // 2], out
+
+
+def graph_loop(engine, model, ids, new, clock: DecodeClock | None = None):
+    """The engine's prefill, then ``new`` greedy steps replayed from the engine's decode graphs
+    (``clock`` marked as the first is queued)."""
     b = ids.shape[0]
     slots = torch.arange(b, device=ids.device)
     engine.state.reset(slots)
     tok = engine.prefill_logits(ids, None, slots, None).argmax(-1)
     key = tuple(range(b))
+    if clock is not None:
+        clock.mark()
     for _ in range(new - 1):
         if engine.graphs is not None:
             engine.graphs.step(tok, slots, slots_key=key)  # the engine's form: slots copied once
@@ -182,14 +245,17 @@ def bench_ours(args, cfg, device, dtype) -> tuple[list[dict], object]:
             torch.cuda.reset_peak_memory_stats() if torch.device(device).type == "cuda" else None
             runs = [engine_generate(engine, prompts, args.new) for _ in range(args.repeats)]
             first, total = sorted(runs, key=lambda r: r[1])[len(runs) // 2]
+            clock = DecodeClock(device)
             graph_loop(engine, model, ids, args.new)
-            t_loop, _ = timed(lambda: graph_loop(engine, model, ids, args.new), device, args.repeats)
+            t_loop, t_dec, _ = timed_decode(lambda: graph_loop(engine, model, ids, args.new, clock), clock, device,
+                                            args.repeats)
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if torch.device(device).type == "cuda" else None
             rows.append({"system": name, "batch": b, "peak_gib_engine_run": peak, "prefill_s": t_pre,
                          "prefill_tok_s": b * args.prompt / t_pre, "prefill_eager_tok_s": b * args.prompt / t_eager,
                          "prefill_graph": graphed,
                          "engine_decode_tok_s": b * args.new / (total - first), "engine_total_s": total,
-                         "loop_decode_tok_s": b * args.new / max(t_loop - t_pre, 1e-9), "loop_total_s": t_loop})
+                         "loop_decode_tok_s": b * args.new / t_dec, "loop_total_s": t_loop,
+                         "loop_decode_s": t_dec})
             print(rows[-1], flush=True)
     engine.shutdown()
     rows.append({"system": name, "state_bytes_per_sequence": engine.state.bytes_per_slot,
@@ -396,11 +462,15 @@ def bench_mamba_ssm(args, cfg, ours_model, device) -> list[dict]:
             prefill()
             t_pre, _ = timed(prefill, device, args.repeats)
             gen_fn = lambda: peer.generate(ids, max_length=args.prompt + args.new, cg=True, top_k=1)
-            gen_fn()
-            t_gen, out = timed(gen_fn, device, args.repeats)
+            gen_fn()  # captures its decode graph for (b, 1), which every call then runs for each step
+            clock = DecodeClock(device)
+            callables = peer._decoding_cache.callables
+            callables[b, 1] = clock.marking(callables[b, 1])
+            t_gen, t_dec, out = timed_decode(gen_fn, clock, device, args.repeats)
             assert out.shape == (b, args.prompt + args.new), out.shape
             rows.append({"system": "mamba-ssm", "batch": b, "prefill_s": t_pre, "prefill_tok_s": b * args.prompt / t_pre,
-                         "loop_decode_tok_s": b * args.new / (t_gen - t_pre), "loop_total_s": t_gen})
+                         "loop_decode_tok_s": b * args.new / t_dec, "loop_total_s": t_gen, "loop_decode_s": t_dec,
+                         "loop_decode_tok_s_by_subtraction": b * args.new / (t_gen - t_pre)})
             print(rows[-1], flush=True)
     cache = peer.allocate_inference_cache(1, args.prompt + args.new)
     per_seq = sum(t.numel() * t.element_size() for pair in cache.values() for t in pair)
@@ -444,10 +514,13 @@ def bench_transformers(args, cfg, device) -> list[dict]:
             gen_fn = lambda: model.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
                                             pad_token_id=0)
             gen_fn()
-            t_gen, _ = timed(gen_fn, device, 1)
+            clock = DecodeClock(device)
+            model.forward = clock.marking(model.forward, skip=1)  # its first forward is the prefill
+            t_gen, t_dec, _ = timed_decode(gen_fn, clock, device, 1)
+            del model.forward
             rows.append({"system": "transformers", "batch": b, "prefill_s": t_pre,
-                         "prefill_tok_s": b * args.prompt / t_pre, "loop_decode_tok_s": b * args.new / (t_gen - t_pre),
-                         "loop_total_s": t_gen})
+                         "prefill_tok_s": b * args.prompt / t_pre, "loop_decode_tok_s": b * args.new / t_dec,
+                         "loop_total_s": t_gen, "loop_decode_s": t_dec})
             print(rows[-1], flush=True)
     return rows
 

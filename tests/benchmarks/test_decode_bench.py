@@ -148,3 +148,22 @@ def test_decode_report_reads_pdl_rows_from_before_the_prefetch_ahead():
                        row(4, False, 2.9, ahead=False), row(4, True, 2.8, ahead=False), row(4, True, 2.6, ahead=True)]}
     text = report(result, [1])
     assert "| 4 | 2.900 | 2.800 | 2.600 | +11.5% |" in text and "\n| 1 | " not in text
+
+
+def test_decode_clock_starts_at_the_first_decode_step():
+    """A peer's generate calls its forward once for the prefill, then once per step: the clock
+    wrapped with skip=1 starts at the second call and not again; a span needs a start."""
+    from benchmarks.decode import DecodeClock
+
+    clock, seen = DecodeClock("cpu"), []
+    forward = clock.marking(seen.append, skip=1)
+    forward("prefill")
+    assert clock.start is None
+    forward("step 1")
+    start = clock.start
+    forward("step 2")
+    assert start is not None and clock.start == start and seen == ["prefill", "step 1", "step 2"]
+    assert clock.span() >= 0
+    clock.reset()
+    with pytest.raises(RuntimeError):
+        clock.span()
