@@ -218,8 +218,7 @@ def bench_ours(args, cfg, device, dtype) -> tuple[list[dict], object]:
     model, proc = build_ours(cfg, device, dtype, args.backend)
     top = max(args.batches + [b for b, _ in args.prefill_shapes])  # the state pool holds every batch timed
     engine = Engine(model, proc, EngineConfig(max_num_seqs=top, max_prefill_seqs=top, state_cache_bytes=1 << 30,
-                                              cuda_graphs=not args.no_graphs, state_dtype=args.state_dtype,
-                                              two_steps_from=args.two_steps_from))
+                                              cuda_graphs=not args.no_graphs, state_dtype=args.state_dtype))
     name = "ours" if args.state_dtype == "float32" else f"ours-{args.state_dtype}-state"
     engine.start()
     if args.profile:
@@ -259,7 +258,7 @@ def bench_ours(args, cfg, device, dtype) -> tuple[list[dict], object]:
             print(rows[-1], flush=True)
     engine.shutdown()
     rows.append({"system": name, "state_bytes_per_sequence": engine.state.bytes_per_slot,
-                 "state_dtype": args.state_dtype, "two_steps_from": args.two_steps_from})
+                 "state_dtype": args.state_dtype})
     return rows, model
 
 
@@ -636,8 +635,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
     ap.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="storage of our SSM states (the peers keep theirs in the model dtype, bf16)")
-    ap.add_argument("--two-steps-from", type=int, default=32,
-                    help="our engine keeps two decode steps in flight from this batch size (0: one always)")
     ap.add_argument("--systems", nargs="*", default=["ours", "mamba-ssm", "transformers"],
                     help="what to run: ours, mamba-ssm, transformers")
     ap.add_argument("--merge", nargs="*", default=[], help="JSON results of earlier runs (same shapes) to include "

@@ -19,7 +19,6 @@ from kernels.linear import linear_accumulate, linear_accumulate_ref, small_linea
 from kernels.norm import add_rms_norm, add_rms_norm_ref, embed_rms_norm, embed_rms_norm_ref
 from kernels.causal_conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update, causal_conv1d_update_ref
 from kernels.decode import mixer_in, mixer_in_fusable, mixer_in_ref, mixer_out, mixer_out_ref
-from kernels.slots import route_slots, route_slots_ref
 from kernels.selective_scan import (
     selective_scan,
     selective_scan_ref,
@@ -33,8 +32,6 @@ __all__ = [
     "add_rms_norm",
     "add_rms_norm_ref",
     "resolve_backend",
-    "route_slots",
-    "route_slots_ref",
     "causal_conv1d",
     "causal_conv1d_ref",
     "causal_conv1d_update",

@@ -13,11 +13,7 @@ images (:class:`GraphEncoder`). Invariants of the decode graphs:
   source of truth between graph steps, eager prefill and the session cache;
 - the returned logits are a view of the graph's output buffer, valid until the next replay;
 - given a vocabulary mask, the decode graphs also mask the logits in place and take their
-  argmax, so a greedy batch needs no kernel of its own between replays (:attr:`GraphDecoder.argmax`);
-- given slot end tables (:class:`~model.state.SlotEnds`), the graphs of batches from
-  ``route_from`` rows route the step's rows first: a row whose slot was fed an end token by an
-  earlier step runs on ``scratch_slot``, so the engine may launch such a step before it has read
-  the tokens of the one before.
+  argmax, so a greedy batch needs no kernel of its own between replays (:attr:`GraphDecoder.argmax`).
 """
 
 from __future__ import annotations
@@ -73,9 +69,7 @@ class GraphDecoder:
     state: the InferenceState pool the engine uses; scratch_slot: a pool row reserved for padding;
     mask: (V,) bool or None, ids never to be sampled: the step sets their logits to -inf and
     keeps the argmax of the masked logits in :attr:`argmax`, (b,) long, valid until the next step.
-    Batches larger than the largest bucket run eagerly, the same way. ends, route_from: a
-    :class:`~model.state.SlotEnds` of the pool, and the smallest bucket whose steps route their
-    rows with it (0: none do); see :meth:`routes`.
+    Batches larger than the largest bucket run eagerly, the same way.
 
     Every stream operation between two replays leaves the GPU idle for a few microseconds at one
     row (~8 µs for the two input copies, ~10 for a copy of the tokens to the host; 2.25 ms steps
@@ -88,10 +82,8 @@ class GraphDecoder:
       graph that next writes that buffer (two steps on) first waits for the copy.
     """
 
-    def __init__(self, model, state, scratch_slot: int, max_batch: int, mask: torch.Tensor | None = None,
-                 ends=None, route_from: int = 0):
+    def __init__(self, model, state, scratch_slot: int, max_batch: int, mask: torch.Tensor | None = None):
         self.model, self.state, self.scratch, self.mask = model, state, scratch_slot, mask
-        self.ends, self.route_from = ends, route_from
         self.backend = getattr(model, "backend", "auto")
         self.device = state.ssm.device
         self.buckets = buckets_for(max_batch)
@@ -104,14 +96,8 @@ class GraphDecoder:
         self._copies: list[torch.cuda.Event | None] = [None, None]  # the last copy out of each id buffer
         self._copier = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-    def routes(self, b: int) -> bool:
-        """Whether a step of ``b`` rows routes them (:class:`~model.state.SlotEnds`) first."""
-        return self.ends is not None and 0 < self.route_from <= (self.bucket(b) or b)
-
     def _run(self, input_ids: torch.Tensor, slots: torch.Tensor,
              out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.routes(input_ids.shape[0]):
-            slots = self.ends.route(input_ids, slots, self.backend)
         logits = self.model.step(input_ids, state=self.state, slots=slots)
         return logits, masked_argmax(logits, self.mask, out, backend=self.backend)
 

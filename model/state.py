@@ -62,36 +62,3 @@ class InferenceState:
         """Load a copy made by :meth:`read` into ``slot``."""
         self.conv[:, slot].copy_(saved[0])
         self.ssm[:, slot].copy_(saved[1])
-
-
-class SlotEnds:
-    """Per pool slot: the token ids that end its sequence, and whether a decode step has fed one.
-
-    A decode step that routes (:meth:`route`, :func:`kernels.route_slots`) runs rows whose slot was
-    fed an end token by an earlier step on the ``scratch`` slot instead, so their state stays the
-    one after the end token. That lets the engine launch a step before it has read the tokens of
-    the one before. ``width``: end ids per slot (the end-of-sequence ids and any stop ids)."""
-
-    def __init__(self, num_slots: int, scratch: int, device: torch.device | str = "cpu", width: int = 8):
-        self.scratch = scratch
-        self.ended = torch.zeros(num_slots, dtype=torch.bool, device=device)
-        self.ids = torch.full((num_slots, width), -1, dtype=torch.long, device=device)
-
-    def fits(self, ends) -> bool:
-        return len(ends) <= self.ids.shape[1]
-
-    def arm(self, slot: int, ends) -> None:
-        """Give ``slot`` a new sequence's end ids (at most ``width``) and clear its flag, in stream
-        order: after every step already launched on the slot's previous sequence."""
-        from model.generate import to_device
-
-        if not self.fits(ends):
-            raise ValueError(f"{len(ends)} end ids for one slot; the table holds {self.ids.shape[1]}")
-        row = sorted(ends) + [-1] * (self.ids.shape[1] - len(ends))
-        self.ids[slot].copy_(to_device(row, self.ids.device, torch.long))
-        self.ended[slot].fill_(False)
-
-    def route(self, ids: torch.Tensor, slots: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-        from kernels import route_slots
-
-        return route_slots(ids, slots, self.ended, self.ids, self.scratch, backend=backend)

@@ -158,7 +158,7 @@ def create_app(settings: ServerSettings, loaded=None) -> FastAPI:
         metrics = Metrics()
         cfg = EngineConfig(settings.max_num_seqs, settings.max_prefill_seqs, int(settings.state_cache_gb * 2**30),
                            cuda_graphs=not settings.no_cuda_graphs, state_dtype=settings.state_dtype,
-                           prefill_graph_tokens=settings.prefill_graph_tokens, two_steps_from=settings.two_steps_from)
+                           prefill_graph_tokens=settings.prefill_graph_tokens)
         engine, proc, name = await _start_engine(settings, loaded, cfg, metrics)
         metrics.attach(engine)
         fetcher = ImageFetcher(limits, prepare=partial(prepare_image, proc))

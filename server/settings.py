@@ -54,8 +54,6 @@ class ServerSettings:
                                        "replaying CUDA graphs")
     prefill_graph_tokens: int = _opt(2048, "prefill batches of up to this many tokens (padded to a graph's "
                                            "batch x length bucket) replay CUDA graphs; 0: always eager")
-    two_steps_from: int = _opt(32, "decode batches of this many sequences or more keep two steps in flight "
-                                   "(hides pauses of the engine's host thread); 0: one step always")
     no_engine_process: bool = _opt(False, "run the engine in a thread of the HTTP server's process instead of a "
                                           "process of its own (simpler to debug; slower under many streams, "
                                           "where HTTP work and the engine share one interpreter lock)")

@@ -11,12 +11,11 @@ from kernels.triton.linear import linear_accumulate_triton, small_linear_triton
 from kernels.triton.norm import add_rms_norm_triton, embed_rms_norm_triton
 from kernels.triton.selective_scan import selective_scan_triton
 from kernels.triton.selective_state_update import selective_state_update_triton
-from kernels.triton.slots import route_slots_triton
 
 OPS = frozenset({"add_rms_norm", "selective_scan", "selective_state_update", "causal_conv1d", "causal_conv1d_update",
                  "small_linear", "linear_accumulate", "mixer_in", "mixer_out", "masked_argmax",
-                 "embed_rms_norm", "route_slots"})
+                 "embed_rms_norm"})
 
 __all__ = ["OPS", "add_rms_norm_triton", "causal_conv1d_triton", "causal_conv1d_update_triton", "embed_rms_norm_triton",
-           "linear_accumulate_triton", "masked_argmax_triton", "mixer_in_triton", "mixer_out_triton", "route_slots_triton", "selective_scan_triton",
+           "linear_accumulate_triton", "masked_argmax_triton", "mixer_in_triton", "mixer_out_triton", "selective_scan_triton",
            "selective_state_update_triton", "small_linear_triton"]

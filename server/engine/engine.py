@@ -14,16 +14,8 @@ the server's own process with ``--no-engine-process``. Each iteration:
    stop checks and delivery overlap the GPU. A sequence that finishes has therefore mostly had
    one extra step run on its slot: harmless, since its output is dropped and the slot is either
    cached as "prompt + the tokens fed" (``EngineRequest.fed``: what it then holds) or reset
-   before reuse. When the steps in flight take every row to its max_tokens, no further step is
-   launched (the slots then hold all but the last token, and ``fed`` says so), and no row is
-   fed past its max_tokens-th token. Batches of ``EngineConfig.two_steps_from`` rows or more
-   keep two steps in flight: the host reads a step's tokens two steps later, so a pause of the
-   host shorter than two steps leaves the device busy. A step is then launched for sequences
-   whose end token the host has not read yet; it routes them (``SlotEnds``,
-   ``kernels.route_slots``: a per-slot table of end ids and a flag that the step feeding one
-   sets) to the pool's scratch slot, so their state stays the one after the end token, which
-   the session cache keeps. A sequence stopped by a stop string may have been fed a token the
-   host has not read: its final state is not cached;
+   before reuse. When the step in flight takes every row to its max_tokens, no further step is
+   launched (the slots then hold all but the last token, and ``fed`` says so);
 5. prompts' end states (after prefill) and finished requests' final states go to the session
    state cache; finished requests free their slot.
 
@@ -43,7 +35,6 @@ from dataclasses import dataclass
 import torch
 
 from model.generate import SequenceDecoder, logits_mask, pick_tokens, to_device, to_host
-from model.state import SlotEnds
 from server.engine.state_cache import StateCache, prefix_hashes, prompt_items
 from server.engine.types import EngineOutput, EngineRequest, EngineStats
 from server.threads import name_os_thread
@@ -51,7 +42,7 @@ from server.threads import name_os_thread
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
+@dataclass
 class _Inflight:
     """A launched decode step whose sampled tokens the host has not read yet."""
 
@@ -70,9 +61,6 @@ class EngineConfig:
     prefill_graph_tokens: int = 2048  # prefills of up to this many padded tokens replay graphs; 0: all eager
     encoder_graph_images: int = 8  # image batches of up to this many replay graphs; 0: all eager
     state_dtype: str = "float32"  # storage of the SSM states: float32 or bfloat16
-    # Decode batches of at least this many rows (with graphs: whose graph's batch size is) keep two
-    # steps in flight instead of one, hiding pauses of the host of up to about two steps; 0: never.
-    two_steps_from: int = 32
 
     def __post_init__(self):
         if self.state_dtype not in ("float32", "bfloat16"):
@@ -100,18 +88,16 @@ class Engine:
         use_graphs = self.config.cuda_graphs and self.device.type == "cuda"
         self._mask = logits_mask(model.llm.config.padded_vocab_size, len(processor.tokenizer),
                                  (processor.image_token_id,), self.device)
-        # One extra slot past the engine's own takes the writes of graphs' padding rows and of
-        # rows a step routes past their end token.
-        scratch = self.config.max_num_seqs
-        self.state = model.allocate_state(scratch + 1, ssm_dtype=getattr(torch, self.config.state_dtype))
-        self.ends = SlotEnds(scratch + 1, scratch, self.device) if self.config.two_steps_from > 0 else None
+        # With graphs, one extra slot past the engine's own takes the writes of padding rows.
+        self.state = model.allocate_state(self.config.max_num_seqs + use_graphs,
+                                          ssm_dtype=getattr(torch, self.config.state_dtype))
         self.graphs = self.prefill_graphs = self.encoder_graphs = None
         if use_graphs:
             from model.graphs import GraphDecoder, GraphPrefill
 
+            scratch = self.config.max_num_seqs
             # The decode graphs mask the logits and take their argmax: greedy batches sample nothing more.
-            self.graphs = GraphDecoder(model, self.state, scratch, self.config.max_num_seqs, self._mask,
-                                       self.ends, self.config.two_steps_from).capture()
+            self.graphs = GraphDecoder(model, self.state, scratch, self.config.max_num_seqs, self._mask).capture()
             if self.config.prefill_graph_tokens > 0:
                 self.prefill_graphs = GraphPrefill(model.llm, self.state, scratch,
                                                    min(self.config.max_prefill_seqs, self.config.max_num_seqs),
@@ -126,13 +112,12 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.fault_hook: Callable[[str, list[EngineRequest]], None] | None = None  # tests inject failures here
-        self.steps = self.batched_steps = self.max_batch = self.two_step_steps = 0
+        self.steps = self.batched_steps = self.max_batch = 0
         self.last_heartbeat = time.monotonic()
-        self._inflight: deque[_Inflight] = deque()  # launched decode steps whose tokens the host has not read, oldest first
+        self._inflight: _Inflight | None = None
         self._slots: tuple[tuple[int, ...], torch.Tensor | None] = ((), None)  # the decode batch's slots on the device
-        # One host buffer per step that can be unread at once: two in flight and the one just launched.
         self._pinned = [torch.empty(self.config.max_num_seqs, dtype=torch.long, pin_memory=True)
-                        for _ in range(3)] if self.device.type == "cuda" else None
+                        for _ in range(2)] if self.device.type == "cuda" else None
         self._flip = 0
         if use_graphs and self.config.encoder_graph_images > 0:
             self.encoder_graphs = self._capture_encoder()
@@ -244,8 +229,8 @@ class Engine:
         ready = [r for r in self.running if r.last_token is not None and r not in new]
         if ready:
             self._guarded("decode", ready, lambda: self._decode(ready))
-        elif self._inflight:  # every row of them left (aborted): drain
-            self._consume(self._inflight[0])
+        elif self._inflight is not None:  # every row of it left (aborted): drain
+            self._consume(self._inflight)
 
     def _guarded(self, phase: str, reqs: list[EngineRequest], fn) -> None:
         """A failing batch fails its own requests only; the engine and other requests carry on."""
@@ -256,7 +241,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - one bad batch must not kill the server
             log.exception("engine %s failed for %d requests", phase, len(reqs))
             if phase == "decode":  # a step that failed midway leaves nothing to read; a failed
-                self._inflight.clear()  # prefill leaves the running batch's steps in flight as they are
+                self._inflight = None  # prefill leaves the running batch's step in flight as it is
             for r in reqs:
                 self._fail(r, f"internal error during {phase}: {type(e).__name__}")
 
@@ -283,9 +268,6 @@ class Engine:
             self._restore(req)
             req.decoder = SequenceDecoder(self.processor.tokenizer, req.params,
                                           tuple(self.processor.eos_token_ids), self.device)
-            req.routed = self.ends is not None and self.ends.fits(req.decoder.ends)
-            if req.routed:
-                self.ends.arm(req.slot, req.decoder.ends)
             self.running.append(req)
             new.append(req)
         return new
@@ -354,22 +336,10 @@ class Engine:
         return out
 
     def _decode(self, reqs: list[EngineRequest]) -> None:
-        while True:
-            # A row is fed at most its max_tokens-th token (which completes the state the session
-            # cache keeps), and a step runs only while some row still needs a token: ``fed`` steps
-            # launched have made 1 + fed tokens with the prefill's.
-            reqs = [r for r in reqs if r.slot is not None and not r.decoder.finished and r.fed < r.params.max_tokens]
-            if not any(r.fed + 1 < r.params.max_tokens for r in reqs):
-                if self._inflight:
-                    self._consume(self._inflight[0])  # a step now would only make tokens past max_tokens
-                return
-            depth = 2 if self._routes(reqs) else 1
-            if len(self._inflight) <= depth:
-                break
-            # A step that does not route: the host must know every end token but the newest
-            # step's before launching it (reading them may end rows, so the batch is taken again).
-            self._consume(self._inflight[0])
-        prev = self._inflight[-1] if self._inflight else None
+        prev = self._inflight
+        if prev is not None and self._end_in_flight(reqs, prev):
+            self._consume(prev)  # a step after it would only make tokens past max_tokens
+            return
         tokens = self._next_tokens(reqs, prev)
         key = tuple(r.slot for r in reqs)
         if key != self._slots[0]:  # the batch changed: copy its slots over once
@@ -379,34 +349,30 @@ class Engine:
             logits = self.graphs.step(tokens, slots, slots_key=key)
             mask, argmax = None, self.graphs.argmax
         else:
-            run = self.ends.route(tokens, slots, self.model.backend) if depth == 2 else slots
-            logits = self.model.step(tokens, state=self.state, slots=run)
+            logits = self.model.step(tokens, state=self.state, slots=slots)
             mask, argmax = self._mask, None
         for r in reqs:
             r.fed += 1
         self.steps += 1
         self.batched_steps += len(reqs) > 1
-        self.two_step_steps += depth == 2
         self.max_batch = max(self.max_batch, len(reqs))
         self.observer.on_step(len(reqs))
         lookahead = not any(r.params.presence_penalty or r.params.frequency_penalty for r in reqs)
-        if not lookahead:
-            while self._inflight:  # penalties count every earlier token: read them before sampling
-                self._consume(self._inflight[0])
+        if prev is not None and not lookahead:
+            self._consume(prev)  # penalties count every earlier token: read them before sampling
+            prev = None
         sampled = pick_tokens(logits, [r.decoder for r in reqs], mask, argmax)
-        self._inflight.append(self._launch_copy(reqs, sampled))
-        # Host work of earlier steps overlaps this one (and the one before it) on the device.
-        while len(self._inflight) > (depth if lookahead else 0):
-            self._consume(self._inflight[0])
+        self._inflight = cur = self._launch_copy(reqs, sampled)
+        if prev is not None:
+            self._consume(prev)  # host work of the previous step overlaps this one on the device
+        if not lookahead:
+            self._consume(cur)
 
-    def _routes(self, reqs: list[EngineRequest]) -> bool:
-        """Whether this step routes its rows past end tokens (and so may be launched two steps
-        ahead of the host): every row's end ids are on the device and the batch is large enough."""
-        if self.ends is None or not all(r.routed for r in reqs):
-            return False
-        if self.graphs is not None:
-            return self.graphs.routes(len(reqs))
-        return len(reqs) >= self.config.two_steps_from
+    @staticmethod
+    def _end_in_flight(reqs: list[EngineRequest], prev: _Inflight) -> bool:
+        """Whether the tokens of the step in flight take every request to its max_tokens."""
+        pending = {id(r) for r in prev.reqs}
+        return all(id(r) in pending and len(r.decoder.token_ids) + 1 >= r.params.max_tokens for r in reqs)
 
     def _next_tokens(self, reqs: list[EngineRequest], prev: _Inflight | None) -> torch.Tensor:
         """(b,) tokens to feed: from the in-flight step on the device, else the host's last token."""
@@ -423,7 +389,7 @@ class Engine:
         if self._pinned is None:
             return _Inflight(reqs, tokens, tokens, None)
         buf = self._pinned[self._flip][: tokens.shape[0]]
-        self._flip = (self._flip + 1) % len(self._pinned)  # the others may belong to steps still unread
+        self._flip ^= 1  # double buffer: the other one still belongs to the previous step
         if self.graphs is not None and tokens is self.graphs.argmax:
             done = self.graphs.copy_out(buf)  # on a side stream: the next step does not wait for it
         else:
@@ -432,8 +398,8 @@ class Engine:
 
     def _consume(self, inf: _Inflight) -> None:
         """Read an in-flight step's tokens on the host and deliver them (rows gone since are skipped)."""
-        if any(f is inf for f in self._inflight):
-            self._inflight.remove(inf)  # identity: _Inflight compares by identity
+        if self._inflight is inf:
+            self._inflight = None
         if inf.done is not None:
             inf.done.synchronize()
         live = {id(r) for r in self.running}
@@ -470,8 +436,7 @@ class Engine:
                 self._final_key(req)  # hash the tokens fed so far while the device runs the next step
                 if text:
                     req.sink(EngineOutput(req.request_id, text, [tok]))
-        ends = [(req, self._final_key(req, n), len(req.prompt_ids) + n, req.slot)
-                for req, n in ((req, self._state_tokens(req)) for req, _ in done) if n is not None]
+        ends = [(req, self._final_key(req), len(req.prompt_ids) + req.fed, req.slot) for req, _ in done]
         for req, text in done:
             self._finish(req, text, now)
         if ends:
@@ -483,23 +448,11 @@ class Engine:
             except Exception:  # noqa: BLE001 - the requests are done; the cache is an optimisation
                 log.exception("could not keep the final states of %d sequences in the session cache", len(ends))
 
-    @staticmethod
-    def _state_tokens(req: EngineRequest) -> int | None:
-        """How many generated tokens a finished request's slot holds once its launched steps have
-        run: every token fed, but steps routed past an end token leave the state after it. None
-        if it holds a token the host has not read (a stop string ended it two steps ahead)."""
-        dec = req.decoder
-        n = len(dec.token_ids)
-        if dec.token_ids[-1] in dec.ends:
-            return min(req.fed, n)
-        return req.fed if req.fed <= n else None
-
-    def _final_key(self, req: EngineRequest, upto: int | None = None) -> bytes:
-        """The cache key of what the slot holds: the prompt and the first ``upto`` generated
-        tokens (by default, those fed so far). The chain grows by the tokens fed since the last
-        call (one per step), so a request that ends does not hash all of its tokens at once
-        (256 x 127 tokens: ~13 ms of host time)."""
-        new = req.decoder.token_ids[req.hashed: req.fed if upto is None else upto]
+    def _final_key(self, req: EngineRequest) -> bytes:
+        """The cache key of what the slot holds: the prompt and the tokens fed so far. The chain
+        grows by the tokens fed since the last call (one per step), so a request that ends does
+        not hash all of its tokens at once (256 x 127 tokens: ~13 ms of host time)."""
+        new = req.decoder.token_ids[req.hashed: req.fed]
         if new:
             req.chain = prefix_hashes(req.scope, new, req.chain)[-1]
             req.hashed += len(new)

@@ -75,7 +75,6 @@ class EngineRequest:
     decoder: object = None
     last_token: int | None = None  # the latest token the host has seen (its step may be in flight)
     fed: int = 0  # generated tokens already fed into the slot's state by launched decode steps
-    routed: bool = False  # its slot's end ids are on the device (SlotEnds): steps may run two ahead of the host
     prompt_key: bytes | None = None  # cache key of the whole prompt (admission)
     chain: bytes | None = None  # cache key of the prompt and the first ``hashed`` generated tokens
     hashed: int = 0

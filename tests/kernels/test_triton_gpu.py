@@ -344,24 +344,3 @@ def test_masked_argmax_at_the_vocabulary_size(b):
     want = masked_argmax_ref(a, mask)
     got = masked_argmax(c, mask, backend="triton")
     assert torch.equal(got, want) and torch.equal(a, c)
-
-
-@pytest.mark.parametrize("b", [1, 64, 256])
-def test_route_slots_at_the_engines_sizes(b):
-    """Slot routing over a pool of 257 slots (256 and the scratch one) with two end ids each:
-    the same slots and flags as the reference, with a third of the slots ended and a third of
-    the rows fed one of their end ids."""
-    from kernels import route_slots, route_slots_ref
-
-    g = torch.Generator(device="cuda").manual_seed(b)
-    end_ids = torch.randint(0, 50280, (257, 2), device="cuda", generator=g)
-    ended = torch.rand(257, device="cuda", generator=g) < 0.33
-    ended[256] = False
-    slots = torch.randperm(256, device="cuda", generator=g)[:b]
-    ids = torch.randint(0, 50280, (b,), device="cuda", generator=g)
-    fed_end = torch.rand(b, device="cuda", generator=g) < 0.33
-    ids = torch.where(fed_end, end_ids[slots, 1], ids)
-    a, c = ended.clone(), ended.clone()
-    want = route_slots_ref(ids, slots, a, end_ids, 256)
-    got = route_slots(ids, slots, c, end_ids, 256, backend="triton")
-    assert torch.equal(got, want) and torch.equal(a, c)

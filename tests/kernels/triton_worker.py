@@ -346,33 +346,7 @@ def argmax_cases():
                same_dtype=got.dtype == want.dtype == torch.long)
 
 
-def route_cases():
-    """Slot routing: rows whose slot was fed an end token by an earlier step go to the scratch
-    slot; a row fed one of its own end ids now keeps its slot and sets its flag; another row's
-    end id, or -1 padding in the table, sets nothing; padding rows touch no flag."""
-    for case, (b, p, k) in enumerate([(5, 9, 3), (40, 64, 2), (3, 4, 8)]):
-        g = torch.Generator().manual_seed(case)
-        scratch = p - 1
-        slots = torch.randperm(p - 1, generator=g)[:b]
-        slots[-1] = scratch  # a padding row
-        end_ids = torch.randint(0, 50, (p, k), generator=g)
-        end_ids[:, -1] = -1
-        ended = torch.rand(p, generator=g) < 0.3
-        ended[scratch] = False
-        ids = torch.randint(0, 50, (b,), generator=g)
-        ids[0] = end_ids[slots[0], 0]  # fed its own end id
-        ids[1] = -1  # never an end id, though the tables are padded with -1
-        a, c = ended.clone(), ended.clone()
-        want = K.route_slots_ref(ids, slots, a, end_ids, scratch)
-        got = K.route_slots(ids, slots, c, end_ids, scratch, backend="triton")
-        wrong = int((got != want).sum()) + int((a != c).sum())
-        record("route_slots", [b, p, k], torch.long, y_err=float(wrong), y_scale=0.0,
-               state_err=float(not (a[slots[0]] and not a[slots[1]] > ended[slots[1]] and a[scratch] == ended[scratch])),
-               same_dtype=got.dtype == want.dtype)
-
-
 state_update_cases()
-route_cases()
 linear_cases()
 mixer_in_cases()
 mixer_out_cases()

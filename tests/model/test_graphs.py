@@ -158,39 +158,3 @@ def test_decode_graphs_feed_their_argmax_back_and_copy_only_changed_inputs():
             tok = graphs.argmax
         # The live slots (not the scratch row, 6) hold the states of the steps as given.
         assert (state.ssm[:, :6] - ref_state.ssm[:, :6]).abs().max().item() <= 1e-4
-
-
-@needs_cuda
-def test_decode_graphs_route_rows_past_their_end_token_to_the_scratch_slot():
-    """Graphs of two rows or more route their rows (route_from=2): the step that feeds slot 4
-    its end id (7) still writes it, and later steps leave slot 4's state as it was while slot 1
-    runs on (7 does not end its sequence) until it is fed one of its own (8). Every step equals the eager step on the slots
-    the reference routing gives; one-row graphs do not route."""
-    from model.graphs import GraphDecoder
-    from model.state import SlotEnds
-
-    lm = _lm("cuda", torch.float32)
-    state, ref_state = lm.allocate_state(7), lm.allocate_state(7)
-    ends, ref_ends = SlotEnds(7, 6, "cuda"), SlotEnds(7, 6, "cuda")
-    for e in (ends, ref_ends):
-        e.arm(4, {7})
-        e.arm(1, {8, 11})
-    graphs = GraphDecoder(lm, state, scratch_slot=6, max_batch=4, ends=ends, route_from=2).capture()
-    assert graphs.routes(2) and graphs.routes(3) and not graphs.routes(1)
-    slots = torch.tensor([4, 1], device="cuda")
-    with torch.inference_mode():
-        for t, fed in enumerate(([3, 5], [7, 5], [9, 7], [2, 8], [2, 9])):
-            ids = torch.tensor(fed, device="cuda")
-            before = state.ssm[:, :6].clone()
-            got = graphs.step(ids, slots, slots_key=(4, 1)).float().clone()
-            run = ref_ends.route(ids, slots, "ref")
-            want = lm.step(ids, state=ref_state, slots=run).float()
-            assert run.tolist() == [[4, 1], [4, 1], [6, 1], [6, 1], [6, 6]][t]
-            live = run != 6  # rows on the scratch slot start from what capture left there
-            if live.any():
-                assert (got[live] - want[live]).abs().max().item() <= 1e-4 * want[live].abs().max().item(), t
-            assert torch.equal(ends.ended, ref_ends.ended), t
-            assert (state.ssm[:, :6] - ref_state.ssm[:, :6]).abs().max().item() <= 1e-4, t
-            if t >= 2:
-                assert torch.equal(state.ssm[:, 4], before[:, 4]), t
-    assert ends.ended.tolist() == [False, True, False, False, True, False, False]

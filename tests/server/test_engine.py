@@ -298,16 +298,14 @@ def test_warm_up_leaves_no_trace(demo):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("two_steps_from", [32, 1])
-def test_engine_on_gpu_answers_through_graphs_like_on_cpu(two_steps_from):
+def test_engine_on_gpu_answers_through_graphs_like_on_cpu():
     """On CUDA the engine replays image encoding, short prefills and decode steps from graphs;
-    the demo model still answers every question as on the CPU, and a second turn resumes, with
-    one decode step in flight (8 rows, under 32) or two (graphs that route their rows)."""
+    the demo model still answers every question as on the CPU, and a second turn resumes."""
     from model.checkpoint_vlm import load_vlmamba
     from model.demo import DEMO_CHECKPOINT
 
     model, proc = load_vlmamba(DEMO_CHECKPOINT, device="cuda")
-    eng = Engine(model, proc, EngineConfig(max_num_seqs=8, max_prefill_seqs=4, two_steps_from=two_steps_from))
+    eng = Engine(model, proc, EngineConfig(max_num_seqs=8, max_prefill_seqs=4))
     assert eng.graphs is not None and eng.prefill_graphs is not None and eng.encoder_graphs is not None
     eng.start()
     try:
@@ -320,26 +318,23 @@ def test_engine_on_gpu_answers_through_graphs_like_on_cpu(two_steps_from):
         _wait([c2])
         assert c2.final.cached_tokens > 64 and c2.text == samples[0].qas[-1].answer
         assert eng.prefill_graphs.replays > 0 and eng.encoder_graphs.replays > 0
-        assert (eng.two_step_steps > 0) == (two_steps_from == 1)
     finally:
         eng.shutdown()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("two_steps_from", [32, 1])
-def test_engine_queues_decode_steps_without_waiting_for_the_device(two_steps_from):
+def test_engine_queues_decode_steps_without_waiting_for_the_device():
     """A decode step queues its work while the one before still runs: from picking the tokens
     to feed to launching the copy of the sampled ones, nothing waits for the device (CUDA's
     sync debug mode turns such a wait into an error, which fails the batch). Checked with greedy,
     sampled and seeded rows while the batch shrinks; only reading the previous step's tokens
-    (``_consume``) may wait, and the engine waits there only for the step before the last (or,
-    with two steps in flight, the one before that)."""
+    (``_consume``) may wait, and the engine waits there only for the step before the last."""
     from model.checkpoint_vlm import load_vlmamba
     from model.demo import DEMO_CHECKPOINT
     from model.sampling import SamplingParams
 
     model, proc = load_vlmamba(DEMO_CHECKPOINT, device="cuda")
-    eng = Engine(model, proc, EngineConfig(max_num_seqs=8, max_prefill_seqs=8, two_steps_from=two_steps_from))
+    eng = Engine(model, proc, EngineConfig(max_num_seqs=8, max_prefill_seqs=8))
     decode, consume, strict_steps = eng._decode, eng._consume, []
 
     def strict_decode(reqs):
