@@ -17,8 +17,8 @@ max_length changes). Definitions, the same for every system:
   ``generate(cg=True)``; transformers' ``generate``): from the first decode step, queued once
   the prefill is (a CUDA event recorded as it is queued, so the device's span; wall time on a
   CPU), to the end of the call (:class:`DecodeClock`). Subtracting a prefill timed on its own
-  from a whole call's time instead missed by up to 7 % at 64 x 768 tokens, where the prefill
-  takes longer than the decode;
+  from a whole call's time instead overstated our graph loop by 2.5-3.2 % at 16-64 x 768
+  tokens, where the prefill takes longer than the decode (docs/performance.md);
 - prefill latency (``--prefill-shapes``, ours only): one prefill of each batch x prompt shape
   launched eagerly and on the engine's path, which shows what the prefill graphs save where the
   host's launches, not the GPU, bound a prefill;

@@ -68,7 +68,7 @@ class ServerProcess:
                "--state-cache-gb", str(a.state_cache_gb), "--max-queue", str(max(256, 2 * self.max_num_seqs)),
                "--max-model-len", str(a.max_model_len), "--grace-period", "5", "--no-webui"]
         return cmd + ["--random-weights"] * a.random_weights + ["--no-cuda-graphs"] * a.no_cuda_graphs + [
-            "--prefill-graph-tokens", str(a.prefill_graph_tokens), "--two-steps-from", str(a.two_steps_from)]
+            "--prefill-graph-tokens", str(a.prefill_graph_tokens)]
 
     def __enter__(self) -> "ServerProcess":
         # The benchmark fixes the whole configuration: no VLMAMBA_* setting leaks in from outside.
@@ -392,8 +392,7 @@ def offline_levels(args, levels: list[tuple[int, int]], max_num_seqs: int) -> li
         return service._encode(messages, [prepare_image(proc, im) for im in images])
 
     cfg = EngineConfig(max_num_seqs, args.max_prefill_seqs, int(args.state_cache_gb * 2**30),
-                       cuda_graphs=not args.no_cuda_graphs, prefill_graph_tokens=args.prefill_graph_tokens,
-                       two_steps_from=args.two_steps_from)
+                       cuda_graphs=not args.no_cuda_graphs, prefill_graph_tokens=args.prefill_graph_tokens)
     engine = Engine(model, proc, cfg)
     engine.start()
     rows = []
@@ -518,8 +517,6 @@ def parse_args(argv):
     ap.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly, in the server and offline")
     ap.add_argument("--prefill-graph-tokens", type=int, default=2048, help="largest prefill (padded tokens) "
                                                                             "replayed from a CUDA graph; 0: eager")
-    ap.add_argument("--two-steps-from", type=int, default=32, help="decode batches of this many sequences or more "
-                    "keep two steps in flight, in the server and offline (0: one always)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64], help="requests in flight, per level")
     ap.add_argument("--num-requests", type=int, help="requests per level (default: max(8, 4 x concurrency))")
     ap.add_argument("--prompt-words", type=int, default=16, help="words of text per request")
