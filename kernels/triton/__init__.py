@@ -4,7 +4,14 @@
 ``backend="triton"``. On a CPU they run under ``TRITON_INTERPRET=1`` (tests do that).
 """
 
-from kernels.triton.argmax import masked_argmax_triton
+import os
+
+# These kernels were written, tested and measured with Triton fusing multiplies and adds into
+# FMAs, its default so far (Triton 3.9 warns that 3.10 turns it off). Keep it on unless the user
+# chose (TRITON_DEFAULT_FP_FUSION=0 turns it off; it is read when a kernel compiles).
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+from kernels.triton.argmax import masked_argmax_triton  # noqa: E402
 from kernels.triton.causal_conv1d import causal_conv1d_triton, causal_conv1d_update_triton
 from kernels.triton.decode import mixer_in_triton, mixer_out_triton
 from kernels.triton.linear import linear_accumulate_triton, small_linear_triton
