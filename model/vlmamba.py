@@ -31,12 +31,15 @@ class SplicedVLM(nn.Module):
     def allocate_state(self, num_slots: int, dtype=None, device=None, ssm_dtype=torch.float32) -> InferenceState:
         return self.llm.allocate_state(num_slots, dtype, device, ssm_dtype)
 
-    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
+              n_image: int | None = None) -> torch.Tensor:
         """input_ids (b, l) -> (b, l, D) with image positions replaced, in row-major order, by
-        ``image_embeds`` (i, p, D) — the images of row 0 first, then row 1, ..."""
+        ``image_embeds`` (i, p, D) — the images of row 0 first, then row 1, ... ``n_image``: how
+        many image positions input_ids holds, where the caller knows (counting them on a GPU
+        would make the host wait for every kernel queued before)."""
         is_image = input_ids == self.config.image_token_id
         embeds = self.llm.backbone.embedding(input_ids.masked_fill(is_image, 0))
-        n = int(is_image.sum())
+        n = int(is_image.sum()) if n_image is None else n_image
         if n == 0:
             return embeds
         if image_embeds is None or image_embeds.shape[0] * image_embeds.shape[1] != n:

@@ -7,15 +7,18 @@ the server's own process with ``--no-engine-process``. Each iteration:
 2. ``_admit``: give waiting requests free slots, filling each slot from the session state
    cache (or zeroing it);
 3. ``_prefill``: encode the new requests' images in one batch and prefill the uncached prompt
-   suffixes in one right-padded batch; sample each first token;
-4. ``_decode``: one ``step`` for every running sequence, slots passed as indices. The step's
-   sampled tokens stay on the device and feed the next step directly; the host reads them one
-   step later, while the device runs that next step (one step of lookahead), so detokenizing,
-   stop checks and delivery overlap the GPU. A sequence that finishes has therefore mostly had
-   one extra step run on its slot: harmless, since its output is dropped and the slot is either
-   cached as "prompt + the tokens fed" (``EngineRequest.fed``: what it then holds) or reset
-   before reuse. When the step in flight takes every row to its max_tokens, no further step is
-   launched (the slots then hold all but the last token, and ``fed`` says so);
+   suffixes in one right-padded batch; sample each first token on the device;
+4. ``_decode``: one ``step`` for every running sequence, the ones just prefilled included,
+   slots passed as indices. Sampled tokens stay on the device and feed the next step
+   directly: the host reads a step's tokens (and the prefill's first tokens) only after it has
+   launched the step they feed, while the device runs it (one step of lookahead), so
+   detokenizing, stop checks and delivery overlap the GPU, and a prefill is followed on the
+   device by the next step with no wait for the host in between. A sequence that finishes has
+   therefore mostly had one extra step run on its slot: harmless, since its output is dropped
+   and the slot is either cached as "prompt + the tokens fed" (``EngineRequest.fed``: what it
+   then holds) or reset before reuse. When the work in flight takes every row to its
+   max_tokens, no further step is launched (the slots then hold all but the last token, and
+   ``fed`` says so);
 5. prompts' end states (after prefill) and finished requests' final states go to the session
    state cache; finished requests free their slot.
 
@@ -44,7 +47,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Inflight:
-    """A launched decode step whose sampled tokens the host has not read yet."""
+    """A launched prefill or decode step whose sampled tokens the host has not read yet."""
 
     reqs: list[EngineRequest]
     tokens: torch.Tensor  # (b,) long on the device: feeds the next step (a graph's output: valid until its replay)
@@ -114,11 +117,14 @@ class Engine:
         self.fault_hook: Callable[[str, list[EngineRequest]], None] | None = None  # tests inject failures here
         self.steps = self.batched_steps = self.max_batch = 0
         self.last_heartbeat = time.monotonic()
-        self._inflight: _Inflight | None = None
+        # Launched work whose tokens the host has not read, oldest first: at most the decode step
+        # in flight and a prefill launched after it (each row in one of them at most).
+        self._pending: list[_Inflight] = []
         self._slots: tuple[tuple[int, ...], torch.Tensor | None] = ((), None)  # the decode batch's slots on the device
+        # Host buffers for sampled tokens, used in turn: one for each pending launch and one for the next.
         self._pinned = [torch.empty(self.config.max_num_seqs, dtype=torch.long, pin_memory=True)
-                        for _ in range(2)] if self.device.type == "cuda" else None
-        self._flip = 0
+                        for _ in range(3)] if self.device.type == "cuda" else None
+        self._turn = 0
         if use_graphs and self.config.encoder_graph_images > 0:
             self.encoder_graphs = self._capture_encoder()
         if self.device.type == "cuda":
@@ -226,11 +232,13 @@ class Engine:
         new = self._admit()
         if new:
             self._guarded("prefill", new, lambda: self._prefill(new))
-        ready = [r for r in self.running if r.last_token is not None and r not in new]
+        pending = {id(r) for inf in self._pending for r in inf.reqs}
+        ready = [r for r in self.running if r.last_token is not None or id(r) in pending]
+        steps = self.steps
         if ready:
             self._guarded("decode", ready, lambda: self._decode(ready))
-        elif self._inflight is not None:  # every row of it left (aborted): drain
-            self._consume(self._inflight)
+        if self.steps == steps:  # no step launched (every row at its end, or gone): read what is in flight
+            self._drain()
 
     def _guarded(self, phase: str, reqs: list[EngineRequest], fn) -> None:
         """A failing batch fails its own requests only; the engine and other requests carry on."""
@@ -240,8 +248,8 @@ class Engine:
             fn()
         except Exception as e:  # noqa: BLE001 - one bad batch must not kill the server
             log.exception("engine %s failed for %d requests", phase, len(reqs))
-            if phase == "decode":  # a step that failed midway leaves nothing to read; a failed
-                self._inflight = None  # prefill leaves the running batch's step in flight as it is
+            if phase == "decode":  # a step that failed midway leaves nothing to read (every row of
+                self._pending = []  # it failed); a failed prefill leaves the step in flight as it is
             for r in reqs:
                 self._fail(r, f"internal error during {phase}: {type(e).__name__}")
 
@@ -292,26 +300,32 @@ class Engine:
         suffixes = [r.prompt_ids[r.cached_tokens:] for r in reqs]
         images = self._suffix_images(reqs)
         lengths = to_device([len(s) for s in suffixes], self.device, torch.long)
-        ids = torch.zeros(len(reqs), max(len(s) for s in suffixes), dtype=torch.long)
+        pad = int(self.processor.image_token_id == 0)  # padding must not read as image positions
+        ids = torch.full((len(reqs), max(len(s) for s in suffixes)), pad, dtype=torch.long)
         for i, s in enumerate(suffixes):
             ids[i, : len(s)] = torch.tensor(s)
         slots = to_device([r.slot for r in reqs], self.device, torch.long)
-        logits = self.prefill_logits(to_device(ids, self.device), self._pixels(images), slots, lengths)
+        n_image = sum(s.count(self.processor.image_token_id) for s in suffixes)
+        logits = self.prefill_logits(to_device(ids, self.device), self._pixels(images), slots, lengths, n_image)
         # The prompt's end: a resume point even if the reply does not re-tokenize the same.
         self._cache_states([(r, r.prompt_key, len(r.prompt_ids), r.slot) for r in reqs])
-        self._emit(reqs, logits)
+        # The first tokens stay on the device for the step that follows; the host reads them once
+        # that step is launched (or, if none is, at the end of the iteration).
+        first = pick_tokens(logits, [r.decoder for r in reqs], self._mask)
+        self._pending.append(self._launch_copy(reqs, first))
 
     def prefill_logits(self, ids: torch.Tensor, pixel_values: torch.Tensor | None, slots: torch.Tensor,
-                       lengths: torch.Tensor | None) -> torch.Tensor:
+                       lengths: torch.Tensor | None, n_image: int | None = None) -> torch.Tensor:
         """Prefill right-padded ids (b, l) with their images into the slots -> last logits (b, V):
-        the image encoder and the LM from CUDA graphs where a bucket holds the batch."""
+        the image encoder and the LM from CUDA graphs where a bucket holds the batch. ``n_image``:
+        the image positions in ids, counted on the host (else on the device, which waits)."""
         if pixel_values is None:
             image_embeds = None
         elif self.encoder_graphs is not None:
             image_embeds = self.encoder_graphs.run(pixel_values)
         else:
             image_embeds = self.model.encode_images(pixel_values)
-        embeds = self.model.embed(ids, image_embeds)
+        embeds = self.model.embed(ids, image_embeds, n_image)
         if self.prefill_graphs is not None:
             return self.prefill_graphs.run(embeds, slots, lengths)
         return self.model.llm(inputs_embeds=embeds, state=self.state, slots=slots, lengths=lengths, last_only=True)
@@ -336,11 +350,9 @@ class Engine:
         return out
 
     def _decode(self, reqs: list[EngineRequest]) -> None:
-        prev = self._inflight
-        if prev is not None and self._end_in_flight(reqs, prev):
-            self._consume(prev)  # a step after it would only make tokens past max_tokens
-            return
-        tokens = self._next_tokens(reqs, prev)
+        if self._end_in_flight(reqs):
+            return  # a step after it would only make tokens past max_tokens
+        tokens = self._next_tokens(reqs)
         key = tuple(r.slot for r in reqs)
         if key != self._slots[0]:  # the batch changed: copy its slots over once
             self._slots = (key, to_device(key, self.device, torch.long))
@@ -358,58 +370,64 @@ class Engine:
         self.max_batch = max(self.max_batch, len(reqs))
         self.observer.on_step(len(reqs))
         lookahead = not any(r.params.presence_penalty or r.params.frequency_penalty for r in reqs)
-        if prev is not None and not lookahead:
-            self._consume(prev)  # penalties count every earlier token: read them before sampling
-            prev = None
-        sampled = pick_tokens(logits, [r.decoder for r in reqs], mask, argmax)
-        self._inflight = cur = self._launch_copy(reqs, sampled)
-        if prev is not None:
-            self._consume(prev)  # host work of the previous step overlaps this one on the device
         if not lookahead:
-            self._consume(cur)
+            self._drain()  # penalties count every earlier token: read them before sampling
+        sampled = pick_tokens(logits, [r.decoder for r in reqs], mask, argmax)
+        cur = self._launch_copy(reqs, sampled)
+        self._drain()  # host work of the earlier launches overlaps this step on the device
+        self._pending = [cur]
+        if not lookahead:
+            self._drain()
 
-    @staticmethod
-    def _end_in_flight(reqs: list[EngineRequest], prev: _Inflight) -> bool:
-        """Whether the tokens of the step in flight take every request to its max_tokens."""
-        pending = {id(r) for r in prev.reqs}
+    def _end_in_flight(self, reqs: list[EngineRequest]) -> bool:
+        """Whether the tokens in flight take every request to its max_tokens."""
+        pending = {id(r) for inf in self._pending for r in inf.reqs}
         return all(id(r) in pending and len(r.decoder.token_ids) + 1 >= r.params.max_tokens for r in reqs)
 
-    def _next_tokens(self, reqs: list[EngineRequest], prev: _Inflight | None) -> torch.Tensor:
-        """(b,) tokens to feed: from the in-flight step on the device, else the host's last token."""
-        if prev is None:
+    def _next_tokens(self, reqs: list[EngineRequest]) -> torch.Tensor:
+        """(b,) tokens to feed: each row's from the work in flight on the device (the step before,
+        or the prefill), else the host's last token."""
+        pend = self._pending
+        if not pend:
             return to_device([r.last_token for r in reqs], self.device, torch.long)
-        if len(prev.reqs) == len(reqs) and all(a is b for a, b in zip(prev.reqs, reqs)):
-            return prev.tokens
-        pos = {id(r): i for i, r in enumerate(prev.reqs)}
+        if len(pend) == 1 and len(pend[0].reqs) == len(reqs) and all(a is b for a, b in zip(pend[0].reqs, reqs)):
+            return pend[0].tokens
+        pos, src = {}, []
+        for inf in pend:
+            base = sum(len(t) for t in src)
+            pos.update((id(r), base + i) for i, r in enumerate(inf.reqs))
+            src.append(inf.tokens[: len(inf.reqs)])
+        src = src[0] if len(src) == 1 else torch.cat(src)
         idx = to_device([pos.get(id(r), -1) for r in reqs], self.device, torch.long)
         host = to_device([0 if id(r) in pos else r.last_token for r in reqs], self.device, torch.long)
-        return torch.where(idx >= 0, prev.tokens[idx.clamp(min=0)], host)
+        return torch.where(idx >= 0, src[idx.clamp(min=0)], host)
 
     def _launch_copy(self, reqs: list[EngineRequest], tokens: torch.Tensor) -> _Inflight:
         if self._pinned is None:
             return _Inflight(reqs, tokens, tokens, None)
-        buf = self._pinned[self._flip][: tokens.shape[0]]
-        self._flip ^= 1  # double buffer: the other one still belongs to the previous step
+        # Three buffers: the ones of the (at most two) launches still pending are not reused.
+        buf = self._pinned[self._turn][: tokens.shape[0]]
+        self._turn = (self._turn + 1) % len(self._pinned)
         if self.graphs is not None and tokens is self.graphs.argmax:
             done = self.graphs.copy_out(buf)  # on a side stream: the next step does not wait for it
         else:
             done = to_host(tokens, buf)
         return _Inflight(reqs, tokens, buf, done)
 
+    def _drain(self) -> None:
+        """Read every pending launch's tokens, oldest first."""
+        pending, self._pending = self._pending, []
+        for inf in pending:
+            self._consume(inf)
+
     def _consume(self, inf: _Inflight) -> None:
-        """Read an in-flight step's tokens on the host and deliver them (rows gone since are skipped)."""
-        if self._inflight is inf:
-            self._inflight = None
+        """Read a launch's tokens on the host and deliver them (rows gone since are skipped)."""
         if inf.done is not None:
             inf.done.synchronize()
         live = {id(r) for r in self.running}
         pairs = [(r, t) for r, t in zip(inf.reqs, inf.host.tolist())
                  if id(r) in live and not r.aborted and not r.decoder.finished]
         self._deliver(pairs)
-
-    def _emit(self, reqs: list[EngineRequest], logits: torch.Tensor) -> None:
-        """Sample one token per request (one host sync), deliver text, finish what is done."""
-        self._deliver(list(zip(reqs, pick_tokens(logits, [r.decoder for r in reqs], self._mask).tolist())))
 
     def _cache_states(self, items: list[tuple[EngineRequest, bytes, int, int]]) -> None:
         """Store slots' states in the session cache, each item (request, key, items covered,

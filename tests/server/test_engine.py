@@ -326,24 +326,28 @@ def test_engine_on_gpu_answers_through_graphs_like_on_cpu():
 def test_engine_queues_decode_steps_without_waiting_for_the_device():
     """A decode step queues its work while the one before still runs: from picking the tokens
     to feed to launching the copy of the sampled ones, nothing waits for the device (CUDA's
-    sync debug mode turns such a wait into an error, which fails the batch). Checked with greedy,
-    sampled and seeded rows while the batch shrinks; only reading the previous step's tokens
-    (``_consume``) may wait, and the engine waits there only for the step before the last."""
+    sync debug mode turns such a wait into an error, which fails the batch). A prefill queues
+    its image encoding, its pass and its first tokens' sampling the same way, so the step that
+    follows it is queued behind it. Checked with greedy, sampled and seeded rows while the batch
+    shrinks; only reading launched work's tokens (``_consume``) may wait, and the engine waits
+    there only for the step before the last (and the prefill before it)."""
     from model.checkpoint_vlm import load_vlmamba
     from model.demo import DEMO_CHECKPOINT
     from model.sampling import SamplingParams
 
     model, proc = load_vlmamba(DEMO_CHECKPOINT, device="cuda")
-    eng = Engine(model, proc, EngineConfig(max_num_seqs=8, max_prefill_seqs=8))
-    decode, consume, strict_steps = eng._decode, eng._consume, []
+    eng = Engine(model, proc, EngineConfig(max_num_seqs=8, max_prefill_seqs=4))
+    decode, prefill, consume, strict_steps, strict_prefills = eng._decode, eng._prefill, eng._consume, [], []
 
-    def strict_decode(reqs):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            decode(reqs)
-            strict_steps.append(len(reqs))
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+    def strict(fn, done):
+        def call(reqs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                fn(reqs)
+                done.append(len(reqs))
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return call
 
     def lenient_consume(inf):
         mode = torch.cuda.get_sync_debug_mode()
@@ -353,7 +357,8 @@ def test_engine_queues_decode_steps_without_waiting_for_the_device():
         finally:
             torch.cuda.set_sync_debug_mode(mode)
 
-    eng._decode, eng._consume = strict_decode, lenient_consume
+    eng._decode, eng._prefill, eng._consume = strict(decode, strict_steps), strict(prefill, strict_prefills), \
+        lenient_consume
     eng.start()
     try:
         s = make_sample("test", 0)
@@ -367,6 +372,7 @@ def test_engine_queues_decode_steps_without_waiting_for_the_device():
         assert [c.final.finish_reason for c in cols] == ["length"] * 6
         assert [c.final.completion_tokens for c in cols] == [6 + 4 * i for i in range(6)]
         assert len(strict_steps) >= 25 and max(strict_steps) == 6 and min(strict_steps) == 1
+        assert sum(strict_prefills) == 6 and len(strict_prefills) >= 2  # 4 slots per prefill at most
     finally:
         eng.shutdown()
 
