@@ -78,6 +78,8 @@ class Observer:
     def on_token(self, gap_s: float) -> None: ...
     def on_finish(self, e2e_s: float, out: EngineOutput) -> None: ...
     def on_step(self, batch_size: int) -> None: ...
+    def on_prefill(self, batch_size: int, tokens: int) -> None:
+        """A prefill was launched: ``batch_size`` sequences, ``tokens`` prompt tokens in all (cached ones not)."""
     def on_iteration_end(self) -> None:
         """Every output of one engine iteration has been delivered."""
 
@@ -306,6 +308,7 @@ class Engine:
             ids[i, : len(s)] = torch.tensor(s)
         slots = to_device([r.slot for r in reqs], self.device, torch.long)
         n_image = sum(s.count(self.processor.image_token_id) for s in suffixes)
+        self.observer.on_prefill(len(reqs), sum(len(s) for s in suffixes))
         logits = self.prefill_logits(to_device(ids, self.device), self._pixels(images), slots, lengths, n_image)
         # The prompt's end: a resume point even if the reply does not re-tokenize the same.
         self._cache_states([(r, r.prompt_key, len(r.prompt_ids), r.slot) for r in reqs])
@@ -415,10 +418,19 @@ class Engine:
         return _Inflight(reqs, tokens, buf, done)
 
     def _drain(self) -> None:
-        """Read every pending launch's tokens, oldest first."""
+        """Read every pending launch's tokens, oldest first. Launches whose tokens cannot be read
+        fail their own requests only; nothing raises out of here (it also runs outside a phase's
+        guard, at the end of an iteration)."""
         pending, self._pending = self._pending, []
         for inf in pending:
-            self._consume(inf)
+            try:
+                self._consume(inf)
+            except Exception as e:  # noqa: BLE001 - one launch's failure must not take the others down
+                log.exception("reading the tokens of %d sequences failed", len(inf.reqs))
+                live = {id(r) for r in self.running}
+                for r in inf.reqs:
+                    if id(r) in live:
+                        self._fail(r, f"internal error reading tokens: {type(e).__name__}")
 
     def _consume(self, inf: _Inflight) -> None:
         """Read a launch's tokens on the host and deliver them (rows gone since are skipped)."""
@@ -437,26 +449,35 @@ class Engine:
         self.cache.store_many(stores, self.state.bytes_per_slot, lambda i: self.state.read(items[i][3]))
 
     def _deliver(self, pairs: list[tuple[EngineRequest, int]]) -> None:
+        """Hand each request its token. A request whose delivery fails (its detokenizer, its
+        sink) fails alone; the others of the batch carry on."""
         now = time.monotonic()
         done = []
         for req, tok in pairs:
-            text = req.decoder.accept(tok)
-            if req.first_token_time is None:
-                req.first_token_time = now
-                self.observer.on_first_token(now - req.arrival, max(0.0, (req.admit_time or now) - req.arrival))
-            else:
-                self.observer.on_token(now - req.last_token_time)
-            req.last_token_time = now
-            req.last_token = tok
-            if req.decoder.finished:
-                done.append((req, text))
-            else:
-                self._final_key(req)  # hash the tokens fed so far while the device runs the next step
-                if text:
-                    req.sink(EngineOutput(req.request_id, text, [tok]))
+            try:
+                text = req.decoder.accept(tok)
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                    self.observer.on_first_token(now - req.arrival, max(0.0, (req.admit_time or now) - req.arrival))
+                else:
+                    self.observer.on_token(now - req.last_token_time)
+                req.last_token_time = now
+                req.last_token = tok
+                if req.decoder.finished:
+                    done.append((req, text))
+                else:
+                    self._final_key(req)  # hash the tokens fed so far while the device runs the next step
+                    if text:
+                        req.sink(EngineOutput(req.request_id, text, [tok]))
+            except Exception as e:  # noqa: BLE001
+                log.exception("delivering a token of request %s failed", req.request_id)
+                self._fail(req, f"internal error delivering a token: {type(e).__name__}")
         ends = [(req, self._final_key(req), len(req.prompt_ids) + req.fed, req.slot) for req, _ in done]
         for req, text in done:
-            self._finish(req, text, now)
+            try:
+                self._finish(req, text, now)
+            except Exception:  # noqa: BLE001 - it is released and answered; only its final output was lost
+                log.exception("delivering the final output of request %s failed", req.request_id)
         if ends:
             # After the replies, which then do not wait for the copies (~3 ms at 64-256 rows). The
             # freed slots keep their states until the next iteration admits anyone, and a follow-up
@@ -482,8 +503,10 @@ class Engine:
                            len(dec.token_ids), req.cached_tokens)
         self._release(req)
         req.answered = True
-        self.observer.on_finish(now - req.arrival, out)
-        req.sink(out)
+        try:
+            self.observer.on_finish(now - req.arrival, out)
+        finally:  # the reply goes out even if the metrics fail
+            req.sink(out)
 
     def _fail(self, req: EngineRequest, message: str) -> None:
         self._release(req)
@@ -491,9 +514,13 @@ class Engine:
             return
         if req in self.waiting:
             self.waiting.remove(req)
+        req.answered = True
         out = EngineOutput(req.request_id, finished=True, finish_reason="error", error=message, **_spent(req))
-        self.observer.on_finish(time.monotonic() - req.arrival, out)
-        req.sink(out)
+        try:
+            self.observer.on_finish(time.monotonic() - req.arrival, out)
+            req.sink(out)
+        except Exception:  # noqa: BLE001 - called from the engine's error paths, which must not raise
+            log.exception("delivering the failure of request %s failed", req.request_id)
 
     def _release(self, req: EngineRequest) -> None:
         if req in self.running:

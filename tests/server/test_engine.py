@@ -141,6 +141,66 @@ def test_a_failed_prefill_leaves_the_running_requests_tokens_intact(demo):
     assert len(tokens[0][0]) == 60 and tokens[1] == tokens[0]
 
 
+class RaisingSink(Collector):
+    """Raises once: at its ``at``-th call, or on the final output (``at="final"``)."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.calls, self.raised = at, 0, False
+
+    def __call__(self, out):
+        self.calls += 1
+        if not self.raised and (out.finished if self.at == "final" else self.calls == self.at):
+            self.raised = True
+            raise RuntimeError("sink failed")
+        super().__call__(out)
+
+
+@pytest.mark.parametrize("at,max_tokens,alone", [(1, 20, False), (3, 20, False), ("final", 20, False),
+                                                 ("final", 1, True), ("final", 3, True), (2, 5, True)])
+def test_a_failing_delivery_fails_its_own_request_only(demo, at, max_tokens, alone):
+    """A sink that raises (on a first token that joins a running batch, mid-answer, or on the final
+    output, also when nothing else runs and the tokens are read at the end of an iteration) fails
+    its own request only: the running request finishes as it would have, the slot is freed, and
+    the engine answers the next request."""
+    model, proc = demo
+    s = make_sample("test", 3)
+    eng = Engine(model, proc, EngineConfig(max_num_seqs=4, max_prefill_seqs=4))
+    eng.start()
+    try:
+        a = Collector()
+        if not alone:
+            ra = make_request(proc, "a", [user(s.qas[1].question)], [s.image()], a, max_tokens=60)
+            ra.params.ignore_eos = True
+            eng.add_request(ra)
+            deadline = time.time() + 30
+            while len(a.outputs) < 3 and time.time() < deadline:
+                time.sleep(0.001)
+            assert not a.done.is_set(), "the failing request must join while the other decodes"
+        b = RaisingSink(at)
+        rb = make_request(proc, "b", [user(s.qas[0].question)], [s.image()], b, max_tokens=max_tokens)
+        rb.params.ignore_eos = True
+        eng.add_request(rb)
+        if at == "final":  # its final output was the one lost: nothing more comes
+            deadline = time.time() + 30
+            while not b.raised and time.time() < deadline:
+                time.sleep(0.005)
+            assert b.raised and not any(o.finished for o in b.outputs)
+        else:
+            _wait([b])
+            assert b.final.finish_reason == "error" and "internal error" in b.final.error
+        if not alone:
+            _wait([a])
+            assert a.final.finish_reason == "length" and len(ra.decoder.token_ids) == 60
+        c = Collector()
+        eng.add_request(make_request(proc, "c", [user(s.qas[0].question)], [s.image()], c))
+        _wait([c])
+        assert c.final.finish_reason == "stop" and c.text == s.qas[0].answer
+        assert eng.alive and eng.slots_used() == 0 and eng.num_running() == 0
+    finally:
+        eng.shutdown()
+
+
 def test_bf16_state_storage_answers_the_same(demo):
     model, proc = demo
     with pytest.raises(ValueError, match="state_dtype"):
