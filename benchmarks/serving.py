@@ -37,6 +37,7 @@ import httpx
 from tqdm import tqdm
 
 from benchmarks.common import PRESET, machine, markdown_table, write_json, write_section
+from server.engine.engine import Observer
 
 ROOT = Path(__file__).resolve().parents[1]
 TTFT_TARGET_MS = 80.0
@@ -172,6 +173,9 @@ def _seed(args, phase: int, level: int) -> int:
 # The server's histograms (sum and count) that split the client's TTFT.
 SPLIT = {f"vlmamba_{name}_seconds_{part}" for name in ("request_prepare", "time_to_first_token")
          for part in ("sum", "count")}
+# And those that say how the engine batched the prefills, and how long images took to fetch.
+BATCHING = {f"vlmamba_{name}_{part}" for name in ("prefill_batch_size", "prefill_batch_tokens", "image_fetch_seconds")
+            for part in ("sum", "count")}
 
 
 def server_histograms(url: str) -> dict[str, float]:
@@ -179,7 +183,18 @@ def server_histograms(url: str) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(url + "/metrics", timeout=30).text
-    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name in SPLIT}
+    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+            if s.name in SPLIT | BATCHING}
+
+
+def batching(before: dict, after: dict) -> dict:
+    """Prefills over a level, from the server's histograms: ``prefills``, the mean sequences and
+    tokens per prefill, and the mean time to fetch (and decode and resize) an image."""
+    delta = lambda name: after.get(name, 0.0) - before.get(name, 0.0)
+    n, images = delta("vlmamba_prefill_batch_size_count"), delta("vlmamba_image_fetch_seconds_count")
+    return {"prefills": int(n), "seqs_per_prefill": delta("vlmamba_prefill_batch_size_sum") / n if n else None,
+            "tokens_per_prefill": delta("vlmamba_prefill_batch_tokens_sum") / n if n else None,
+            "image_fetch_ms": 1000 * delta("vlmamba_image_fetch_seconds_sum") / images if images else None}
 
 
 def ttft_split(before: dict, after: dict, client: dict) -> dict | None:
@@ -195,7 +210,7 @@ def ttft_split(before: dict, after: dict, client: dict) -> dict | None:
     mean = lambda name: ((after[f"{name}_sum"] - before[f"{name}_sum"])
                          / max(after[f"{name}_count"] - before[f"{name}_count"], 1))
     ttft, headers = client["ttft_s"]["mean"], client["headers_s"]["mean"]
-    if ttft is None or headers is None or set(after) != SPLIT:
+    if ttft is None or headers is None or not SPLIT <= set(after):
         return None
     prepare, engine = mean("vlmamba_request_prepare_seconds"), mean("vlmamba_time_to_first_token_seconds")
     return {"prepare_ms": 1000 * prepare, "engine_ms": 1000 * engine, "rest_ms": 1000 * (ttft - prepare - engine),
@@ -269,7 +284,8 @@ def serve_levels(args, url: str, levels: list[tuple[int, int]]) -> list[dict]:
         if start["cpu"]:  # the server process and the engine process; the client processes count their own
             s["cpu"] = cpu_use(start["cpu"], thread_cpu(os.getpid()), time.monotonic() - start["t"])
             s["cpu"]["processes"][f"client ({bargs.processes} processes)"] = round(s.pop("client_cpu"), 3)
-        s["ttft_split"] = ttft_split(before, server_histograms(url), s)
+        after = server_histograms(url)
+        s["ttft_split"], s["batching"] = ttft_split(before, after, s), batching(before, after)
         ok = [r for r in results if r.status == 200]
         s["prompt_tokens"] = [r.prompt_tokens for r in results]
         s["cached_tokens_mean"] = sum(r.cached_tokens for r in ok) / max(len(ok), 1)
@@ -335,6 +351,24 @@ def encode_message(encode, message: dict):
     return encode([{"role": message["role"], "content": parts}], images)
 
 
+class PrefillCounter(Observer):
+    """The offline engine's observer: its prefills, for the same figures as the server's histograms."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefills = self.seqs = self.tokens = 0
+
+    def summary(self) -> dict:
+        n = self.prefills
+        return {"prefills": n, "seqs_per_prefill": self.seqs / n if n else None,
+                "tokens_per_prefill": self.tokens / n if n else None}
+
+    def on_prefill(self, batch_size: int, tokens: int) -> None:
+        self.prefills, self.seqs, self.tokens = self.prefills + 1, self.seqs + batch_size, self.tokens + tokens
+
+
 def closed_loop(engine, prompts: list, concurrency: int, args, tag: str) -> dict:
     """Keep ``concurrency`` requests in the engine, submitting the next when one finishes."""
     from model.sampling import SamplingParams
@@ -393,15 +427,17 @@ def offline_levels(args, levels: list[tuple[int, int]], max_num_seqs: int) -> li
 
     cfg = EngineConfig(max_num_seqs, args.max_prefill_seqs, int(args.state_cache_gb * 2**30),
                        cuda_graphs=not args.no_cuda_graphs, prefill_graph_tokens=args.prefill_graph_tokens)
-    engine = Engine(model, proc, cfg)
+    counter = PrefillCounter()
+    engine = Engine(model, proc, cfg, observer=counter)
     engine.start()
     rows = []
     try:
         for i, (c, n) in enumerate(levels):
             closed_loop(engine, workload(args, encode, _seed(args, 1, i), c), c, args, f"warm{i}")
             prompts = workload(args, encode, _seed(args, 0, i), n)
+            counter.reset()
             row = closed_loop(engine, prompts, c, args, f"level{i}")
-            rows.append(row | {"prompt_tokens": [len(ids) for ids, _ in prompts]})
+            rows.append(row | {"prompt_tokens": [len(ids) for ids, _ in prompts], "batching": counter.summary()})
             print(f"offline c={c}: {rows[-1]['output_tokens_per_s']:.1f} output tok/s", flush=True)
     finally:
         engine.shutdown()
@@ -461,6 +497,20 @@ def report(result: dict) -> str:
                                  + [f"{r['server']['ttft_split'][k]:.1f}"
                                     for k in ("before_ms", "prepare_ms", "engine_ms", "after_ms")]
                                  + [_ms(r["offline"]["ttft_s"]["mean"])] for r in split])]
+    batched = [r for r in result["levels"] if r["server"].get("batching") and r["offline"].get("batching")]
+    if batched:
+        f = lambda v, fmt: "–" if v is None else format(v, fmt)
+        text += ["", "How the prefills were batched (the server's histograms; the offline engine's own count) and "
+                 "the server's mean time to fetch, decode and resize an image:", "",
+                 markdown_table(["concurrency", "prefills, server / offline", "sequences per prefill",
+                                 "tokens per prefill", "image fetch (ms)"],
+                                [[r["concurrency"],
+                                  f"{r['server']['batching']['prefills']} / {r['offline']['batching']['prefills']}",
+                                  " / ".join(f(b["seqs_per_prefill"], ".2f")
+                                             for b in (r["server"]["batching"], r["offline"]["batching"])),
+                                  " / ".join(f(b["tokens_per_prefill"], ".0f")
+                                             for b in (r["server"]["batching"], r["offline"]["batching"])),
+                                  f(r["server"]["batching"]["image_fetch_ms"], ".1f")] for r in batched])]
     cpu = [r for r in result["levels"] if r["server"].get("cpu")]
     if cpu:
         text += ["", "CPU while each level ran, in cores (/proc; the client processes count their own): each "

@@ -45,6 +45,9 @@ class Metrics(Observer):
         self.prepare = h("vlmamba_request_prepare_seconds", "Request handler start to hand-off to the engine: image "
                          "fetching and decoding, chat template, tokenizing, image preprocessing", FAST)
         self.batch = h("vlmamba_decode_batch_size", "Sequences per decode step", (1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.prefill_batch = h("vlmamba_prefill_batch_size", "Sequences per prefill", (1, 2, 4, 8, 16, 32, 64))
+        self.prefill_tokens = h("vlmamba_prefill_batch_tokens", "Prompt tokens per prefill, all its sequences "
+                                "together (cached ones not counted)", (64, 256, 512, 1024, 2048, 4096, 8192, 16384))
         c = lambda name, doc, labels=(): Counter(name, doc, labels, registry=r)
         self.prompt_tokens = c("vlmamba_prompt_tokens", "Prompt tokens processed (cached ones included)")
         self.cached_tokens = c("vlmamba_cached_prompt_tokens", "Prompt tokens resumed from the state cache")
@@ -76,6 +79,10 @@ class Metrics(Observer):
 
     def on_step(self, batch_size):
         self.batch.observe(batch_size)
+
+    def on_prefill(self, batch_size, tokens):
+        self.prefill_batch.observe(batch_size)
+        self.prefill_tokens.observe(tokens)
 
     def on_finish(self, e2e_s, out):
         self.e2e.observe(e2e_s)

@@ -254,6 +254,9 @@ class _Outbox(Observer):
                 self.due = True
                 self.cv.notify()
 
+    def on_prefill(self, batch_size, tokens):
+        self._record("on_prefill", batch_size, tokens)
+
     def on_finish(self, e2e_s, out):
         self._record("on_finish", e2e_s, out)
 

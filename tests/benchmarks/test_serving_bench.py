@@ -36,6 +36,11 @@ def test_serving_benchmark_demo_model_cpu(tmp_path, monkeypatch):
         assert split["before_ms"] > 0  # the way back ("after") is less the headers' own, so it may dip below 0
         assert split["before_ms"] + split["after_ms"] == pytest.approx(split["rest_ms"])
         assert split["prepare_ms"] + split["engine_ms"] < 1000 * s["ttft_s"]["mean"]
+        # Both sides prefilled every measured request once, whole (nothing cached), in batches.
+        for b in (s["batching"], off["batching"]):
+            assert 1 <= b["prefills"] <= 4 and b["seqs_per_prefill"] * b["prefills"] == pytest.approx(4)
+            assert b["tokens_per_prefill"] * b["prefills"] == pytest.approx(4 * r["prompt_tokens_mean"])
+        assert s["batching"]["image_fetch_ms"] > 0
         if sys.platform.startswith("linux"):  # CPU by process and thread, from /proc, under the OS names
             procs = {k.split(" (")[0]: v for k, v in s["cpu"]["processes"].items()}
             assert {"client", "vlmamba-serve", "vlmamba-engine"} <= set(procs) and procs["vlmamba-engine"] > 0
@@ -59,6 +64,7 @@ def test_serving_benchmark_demo_model_cpu(tmp_path, monkeypatch):
     assert "TTFT at one request (concurrency 1, p50)" in section and "target ≤ 80 ms" in section
     assert "| concurrency | client TTFT mean (ms) | way in (ms) | prepare (ms) | engine (ms) | way back (ms)" in section
     assert "| concurrency | processes | busiest threads |" in section
+    assert "| concurrency | prefills, server / offline | sequences per prefill |" in section
     assert "| turn | TTFT p50 (ms)" in section and "\n| 2 |" in section.split("### TTFT per turn")[1]
 
 

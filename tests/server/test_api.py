@@ -91,6 +91,11 @@ def test_sixteen_concurrent_requests_are_batched_and_correct(client, images, sam
     single = after["vlmamba_decode_batch_size_bucket[('le', '1.0')]"] - \
         before.get("vlmamba_decode_batch_size_bucket[('le', '1.0')]", 0)
     assert steps > single  # some decode steps carried more than one sequence
+    grew = lambda name: after[name] - before.get(name, 0)
+    # Every request was prefilled once, with every prompt token not resumed from the cache.
+    assert grew("vlmamba_prefill_batch_size_sum[]") == len(jobs)
+    assert grew("vlmamba_prefill_batch_tokens_sum[]") == \
+        grew("vlmamba_prompt_tokens_total[]") - grew("vlmamba_cached_prompt_tokens_total[]") > 0
     assert health(live)["slots_used"] == 0
 
 

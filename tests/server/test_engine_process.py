@@ -137,6 +137,9 @@ def test_metrics_advance_with_every_request(served, samples):
         after[name] > before.get(name, 0)
     assert grew("vlmamba_generation_tokens_total[]", 5)
     assert grew("vlmamba_prompt_tokens_total[]", r.usage.prompt_tokens)
+    prefilled = r.usage.prompt_tokens - r.usage.prompt_tokens_details.cached_tokens
+    assert grew("vlmamba_prefill_batch_size_count[]", 1) and grew("vlmamba_prefill_batch_size_sum[]", 1)
+    assert grew("vlmamba_prefill_batch_tokens_sum[]", prefilled)
     assert grew("vlmamba_requests_finished_total[('reason', 'length')]", 1)
     for h in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds"):
         assert grew(f"vlmamba_{h}_count[]", 1), h
