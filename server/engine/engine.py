@@ -252,8 +252,18 @@ class Engine:
             log.exception("engine %s failed for %d requests", phase, len(reqs))
             if phase == "decode":  # a step that failed midway leaves nothing to read (every row of
                 self._pending = []  # it failed); a failed prefill leaves the step in flight as it is
+                self._settle()
             for r in reqs:
                 self._fail(r, f"internal error during {phase}: {type(e).__name__}")
+
+    def _settle(self) -> None:
+        """After launches were dropped unread: let the device finish them, so that no copy of
+        their tokens lands in a host buffer after a later launch has taken that buffer."""
+        if self.device.type == "cuda":
+            try:
+                torch.cuda.synchronize(self.device)
+            except Exception:  # noqa: BLE001 - a broken device fails the next launch, and its requests
+                log.exception("the device did not finish the dropped launches")
 
     def _take_new(self) -> None:
         self.waiting.extend(self._incoming)
