@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server import errors
 from server.errors import BodyTooLarge, ModelNotFound, Unauthorized, Unavailable
+from server.heap import freeze_startup_heap
 from server.protocol import ChatCompletionRequest
 from server.settings import ServerSettings
 from server.threads import name_os_thread
@@ -104,6 +105,11 @@ def draining_server(config, grace: float):
             app.state.draining = True
             log.info("draining: refusing new requests, letting %d running finish", app.state.engine.num_running())
             asyncio.get_event_loop().create_task(self._drain(app.state.engine, sig, frame))
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if not self.should_exit:  # started: what this process holds from now on lives as long as it
+                freeze_startup_heap("server process")
 
         async def _drain(self, engine, sig, frame):
             deadline = time.monotonic() + grace

@@ -34,6 +34,7 @@ import torch
 
 from server.engine.engine import Engine, EngineConfig, Observer
 from server.engine.types import EngineOutput, EngineRequest, EngineStats, ImageInput
+from server.heap import freeze_startup_heap
 from server.threads import name_os_thread
 
 log = logging.getLogger(__name__)
@@ -303,6 +304,7 @@ def _child_main(conn, loader, config: EngineConfig, logging_setup: tuple) -> Non
         _send(conn, ("failed", f"{type(e).__name__}: {e}"))
         return
     outbox.engine = engine
+    freeze_startup_heap("engine process")  # the model, its graphs and kernels: out of every full collection
     _send(conn, ("ready", processor, name, str(engine.device)))
     engine.start()
     outbox.thread.start()
