@@ -1,5 +1,6 @@
 import hashlib
 import threading
+import time
 
 import pytest
 
@@ -66,3 +67,16 @@ def make_request(proc, rid, messages, images, collector, max_tokens=40, **kw):
 def user(text, with_image=True):
     parts = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
     return {"role": "user", "content": parts}
+
+
+def submit_decoding(engine, proc, rid, messages, images, collector, max_tokens=60):
+    """Submit a request that runs to ``max_tokens`` (ignore_eos) and return it once it is
+    decoding (three outputs in), so that the next request arrives while it runs."""
+    req = make_request(proc, rid, messages, images, collector, max_tokens=max_tokens)
+    req.params.ignore_eos = True
+    engine.add_request(req)
+    deadline = time.time() + 30
+    while len(collector.outputs) < 3 and time.time() < deadline:
+        time.sleep(0.001)
+    assert not collector.done.is_set(), f"request {rid} must still be decoding when the next one arrives"
+    return req

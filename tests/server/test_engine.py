@@ -5,7 +5,7 @@ import torch
 
 from model.data.shapes import make_sample
 from server.engine import Engine, EngineConfig
-from tests.server.conftest import Collector, make_request, user
+from tests.server.conftest import Collector, make_request, submit_decoding, user
 
 
 @pytest.fixture
@@ -122,14 +122,8 @@ def test_a_failed_prefill_leaves_the_running_requests_tokens_intact(demo):
         eng.start()
         try:
             good, bad = Collector(), Collector()
-            req = make_request(proc, "good", [user(s.qas[0].question)], [s.image()], good, max_tokens=60)
-            req.params.ignore_eos = True
-            eng.add_request(req)
+            req = submit_decoding(eng, proc, "good", [user(s.qas[0].question)], [s.image()], good)
             if inject:
-                deadline = time.time() + 30
-                while len(good.outputs) < 3 and time.time() < deadline:
-                    time.sleep(0.001)
-                assert not good.done.is_set(), "the bad request must arrive while the good one decodes"
                 eng.add_request(make_request(proc, "bad", [user("Describe the image.")], [s.image()], bad))
                 _wait([bad])
                 assert bad.final.finish_reason == "error"
@@ -170,13 +164,7 @@ def test_a_failing_delivery_fails_its_own_request_only(demo, at, max_tokens, alo
     try:
         a = Collector()
         if not alone:
-            ra = make_request(proc, "a", [user(s.qas[1].question)], [s.image()], a, max_tokens=60)
-            ra.params.ignore_eos = True
-            eng.add_request(ra)
-            deadline = time.time() + 30
-            while len(a.outputs) < 3 and time.time() < deadline:
-                time.sleep(0.001)
-            assert not a.done.is_set(), "the failing request must join while the other decodes"
+            ra = submit_decoding(eng, proc, "a", [user(s.qas[1].question)], [s.image()], a)
         b = RaisingSink(at)
         rb = make_request(proc, "b", [user(s.qas[0].question)], [s.image()], b, max_tokens=max_tokens)
         rb.params.ignore_eos = True

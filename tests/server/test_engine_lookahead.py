@@ -2,7 +2,6 @@
 first tokens: new requests join that step with their first token taken on the device. Answers,
 usage and what the session cache keeps must be those of the single-sequence reference path."""
 
-import time
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from model.generate import generate
 from server.engine import Engine, EngineConfig
 from server.engine.engine import Observer
 from server.engine.state_cache import prefix_hashes
-from tests.server.conftest import Collector, make_request, user
+from tests.server.conftest import Collector, make_request, submit_decoding, user
 
 
 class Events(Observer):
@@ -53,13 +52,7 @@ def test_a_prefill_is_followed_by_a_step_before_its_first_token_is_read(demo):
 
         events.log.clear()
         a, b = Collector(), Collector()
-        long = make_request(proc, "a", [user(s.qas[1].question)], [s.image()], a, max_tokens=60)
-        long.params.ignore_eos = True
-        eng.add_request(long)
-        deadline = time.time() + 30
-        while len(a.outputs) < 3 and time.time() < deadline:
-            time.sleep(0.001)
-        assert not a.done.is_set(), "the second request must arrive while the first decodes"
+        submit_decoding(eng, proc, "a", [user(s.qas[1].question)], [s.image()], a)
         eng.add_request(make_request(proc, "b", [user(s.qas[0].question)], [s.image()], b))
         _wait([a, b])
         firsts = [i for i, (kind, _) in enumerate(events.log) if kind == "first"]
