@@ -36,7 +36,7 @@ def test_sigterm_drains_running_streams_and_stops_admission(tmp_path):
             except httpx.HTTPError:
                 time.sleep(0.1)
         body = {"model": "m", "messages": ask(data_url(make_sample("test", 5).image()), "Describe the image."),
-                "stream": True, "max_tokens": 150, "ignore_eos": True}
+                "stream": True, "max_tokens": 1500, "ignore_eos": True}  # still running seconds after the signal
         events = []
         engine = children(proc.pid)  # the engine process (and multiprocessing's resource tracker)
         assert engine
